@@ -1,0 +1,478 @@
+"""`dsv4 analyze`: per-token inference FLOPs and KV-cache bytes as functions of context length.
+
+Reproduces the report's Figure 1 (right) and §2.3.4: at a 1M-token context V4-Pro needs 27 % of the
+single-token FLOPs and 10 % of the KV cache of DeepSeek-V3.2, V4-Flash 10 % / 7 %, and V4's KV cache is
+about 2 % of a BF16 GQA-8 (head dim 128) model. docs/analysis.md explains every term and where our
+numbers land.
+
+Conventions (all stated in docs/analysis.md):
+- "Single-token FLOPs at context L": decoding one token whose cache holds L earlier tokens; 2 FLOPs per
+  multiply-add, matmuls and attention scores only (no softmax/norm/RoPE element-wise work); embedding
+  lookup costs nothing; MTP modules are not counted (they are drafts, not part of one token's forward).
+- The report measures FLOPs "in equivalent FP8 FLOPs" (§1): each term is weighted by FP8 peak / peak of
+  its precision: BF16 x2, FP8 x1, FP4 weights x FP8 activations x1 ("currently the same peak as FP8 x FP8",
+  §1), FP4 x FP4 (the V4 indexer QK path, §2.3.4) x0.5.
+- KV bytes count what a serving cache holds per layer: compressed entries, indexer keys, the window ring
+  and the compressor's unfinished-block state (§3.5.1), in the storage formats of the official kernels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from dsv4.config import Config, preset
+
+# FP8-equivalent weight of one FLOP in each precision (H800/B200-class peaks: BF16 = FP8 / 2, FP4 = 2 x FP8).
+PRECISION_WEIGHT = {"bf16": 2.0, "fp8": 1.0, "fp4xfp8": 1.0, "fp4": 0.5}
+
+KI, MI = 1024, 1024 * 1024
+GIB = 1024**3
+DEFAULT_CONTEXTS = (128 * KI, MI)  # "128K" and "1M" = max_position_embeddings = 2**20 tokens
+
+
+# ---------------------------------------------------------------------- storage formats (bytes per entry)
+@dataclass(frozen=True)
+class KVFormat:
+    """Bytes of one cached vector: FP8 payload + BF16 RoPE dims + quantisation scales (+ padding)."""
+
+    fp8_dims: int
+    bf16_dims: int = 0
+    fp4_dims: int = 0
+    scale_bytes: int = 0
+    pad_bytes: int = 0
+
+    @property
+    def bytes(self) -> int:
+        return self.fp8_dims + 2 * self.bf16_dims + self.fp4_dims // 2 + self.scale_bytes + self.pad_bytes
+
+
+def v4_kv_format(cfg: Config) -> KVFormat:
+    # FlashMLA's V4 ("MODEL1") FP8 record: 448 FP8 nope dims, 64 BF16 RoPE dims, one UE8M0 scale byte per
+    # 64 nope dims (7) + 1 pad byte = 584 B. The reference quantises exactly so: act_quant(kv[..., :-64], 64).
+    nope = cfg.head_dim - cfg.qk_rope_head_dim
+    n_scales = math.ceil(nope / 64)
+    return KVFormat(fp8_dims=nope, bf16_dims=cfg.qk_rope_head_dim, scale_bytes=n_scales, pad_bytes=n_scales % 2)
+
+
+def v4_indexer_key_format(cfg: Config) -> KVFormat:
+    # FP4 (E2M1) indexer keys, one UE8M0 scale byte per 32 dims (fp4_act_quant block 32): 64 + 4 = 68 B.
+    return KVFormat(fp8_dims=0, fp4_dims=cfg.index_head_dim, scale_bytes=cfg.index_head_dim // 32)
+
+
+# ---------------------------------------------------------------------- baselines
+@dataclass
+class V32Config:
+    """DeepSeek-V3.2 (MLA + DSA), official config.json keys; defaults = the released model."""
+
+    vocab_size: int = 129280
+    hidden_size: int = 7168
+    num_hidden_layers: int = 61
+    num_attention_heads: int = 128
+    q_lora_rank: int = 1536
+    kv_lora_rank: int = 512
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+    first_k_dense_replace: int = 3
+    intermediate_size: int = 18432
+    n_routed_experts: int = 256
+    n_shared_experts: int = 1
+    num_experts_per_tok: int = 8
+    moe_intermediate_size: int = 2048
+    index_n_heads: int = 64
+    index_head_dim: int = 128
+    index_topk: int = 2048
+
+    @property
+    def mla_format(self) -> KVFormat:
+        # FlashMLA "fp8_ds_mla": 512 FP8 latent + 4 FP32 scales (one per 128) + 64 BF16 RoPE = 656 B.
+        return KVFormat(fp8_dims=self.kv_lora_rank, bf16_dims=self.qk_rope_head_dim,
+                        scale_bytes=4 * (self.kv_lora_rank // 128))
+
+    @property
+    def indexer_key_format(self) -> KVFormat:
+        # DSA indexer key cache: 128 FP8 + one FP32 scale = 132 B.
+        return KVFormat(fp8_dims=self.index_head_dim, scale_bytes=4)
+
+
+@dataclass
+class GQAConfig:
+    """BF16 GQA baseline (report §2.3.4: "BF16 GQA8 with a head dimension of 128").
+
+    We give it the trunk of the V4 model it is compared with (layers, d, vocab, MoE), and replace only the
+    attention: d / head_dim query heads, `num_key_value_heads` KV heads, dense attention over the whole
+    context, K and V cached in BF16.
+    """
+
+    name: str
+    num_hidden_layers: int
+    hidden_size: int
+    vocab_size: int
+    moe_flops: float  # raw FLOPs of one token's MoE block (taken from the V4 model), per layer
+    num_key_value_heads: int = 8
+    head_dim: int = 128
+    kv_bytes_per_value: int = 2
+
+    @property
+    def num_attention_heads(self) -> int:
+        return self.hidden_size // self.head_dim
+
+    @classmethod
+    def like(cls, cfg: Config, name: str) -> "GQAConfig":
+        moe = sum(t.flops for t in _moe_terms(cfg, layer_id=cfg.num_hidden_layers - 1))
+        return cls(name=name, num_hidden_layers=cfg.num_hidden_layers, hidden_size=cfg.hidden_size,
+                   vocab_size=cfg.vocab_size, moe_flops=moe)
+
+
+# ---------------------------------------------------------------------- FLOPs
+@dataclass(frozen=True)
+class Term:
+    """One FLOP term of one token's forward, summed over layers; `flops` counts 2 per multiply-add."""
+
+    name: str
+    flops: float
+    precision: str
+
+    @property
+    def fp8_equiv(self) -> float:
+        return self.flops * PRECISION_WEIGHT[self.precision]
+
+
+def _mm(n_in: int, n_out: int) -> float:
+    return 2.0 * n_in * n_out
+
+
+def _merge(terms: list[Term]) -> list[Term]:
+    """Sum same-named terms (one per layer) into one term per component."""
+    out: dict[str, Term] = {}
+    for t in terms:
+        old = out.get(t.name)
+        out[t.name] = t if old is None else Term(t.name, old.flops + t.flops, t.precision)
+    return list(out.values())
+
+
+def _moe_terms(cfg: Config, layer_id: int) -> list[Term]:
+    d, inter = cfg.hidden_size, cfg.moe_intermediate_size
+    terms = [
+        # routed experts: FP4 weights x FP8 activations (§1: same peak as FP8 x FP8 today)
+        Term("moe.routed", cfg.num_experts_per_tok * 3 * _mm(d, inter), "fp4xfp8"),
+        Term("moe.shared", cfg.n_shared_experts * 3 * _mm(d, inter), "fp8"),
+    ]
+    if not cfg.is_hash_layer(layer_id):  # hash layers look experts up by token id, no router matmul
+        terms.append(Term("moe.router", _mm(d, cfg.n_routed_experts), "bf16"))
+    return terms
+
+
+def _mhc_terms(cfg: Config) -> list[Term]:
+    # Per sublayer: dynamic A, B, C from the flattened stream (n_hc*d -> 2n_hc + n_hc^2), read-in (A),
+    # stream mixing (B) and write-back (C); two sublayers per block. Vector work, counted at BF16 weight.
+    n, d = cfg.hc_mult, cfg.hidden_size
+    per_sublayer = _mm(n * d, 2 * n + n * n) + 2.0 * d * (n + n * n + n)
+    return [Term("mhc", 2 * per_sublayer, "bf16")]
+
+
+def v4_flops_terms(cfg: Config, ctx: int) -> list[Term]:
+    """FP8-taggable FLOP terms of one V4 decode step with `ctx` tokens already cached."""
+    d, c, nh, rd = cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads, cfg.qk_rope_head_dim
+    terms: list[Term] = []
+    for layer_id, m in enumerate(cfg.compress_ratios):
+        terms += [
+            Term("attn.q_proj", _mm(d, cfg.q_lora_rank) + _mm(cfg.q_lora_rank, nh * c), "fp8"),
+            Term("attn.kv_proj", _mm(d, c), "fp8"),  # window KV of this token
+            # grouped output projection: g groups of (nh/g)*c -> d_g, then g*d_g -> d (§2.3.1)
+            Term("attn.o_proj", _mm(nh * c, cfg.o_lora_rank) + _mm(cfg.o_groups * cfg.o_lora_rank, d), "fp8"),
+        ]
+        n_keys = min(ctx, cfg.sliding_window)
+        if m:
+            coff = 2 if m == 4 else 1  # CSA keeps two overlapping series a, b (§2.3.1)
+            # token-level compressor: KV and gate projections of every token (BF16 in the checkpoint) and
+            # the softmax-weighted pooling amortised over the m tokens of a block
+            terms.append(Term("compressor", 2 * _mm(d, coff * c) + 2.0 * coff * c * coff, "bf16"))
+            n_comp = ctx // m
+            n_keys += min(cfg.index_topk, n_comp) if m == 4 else n_comp
+        if m == 4:
+            ni, ci = cfg.index_n_heads, cfg.index_head_dim
+            terms += [
+                Term("indexer.q_proj", _mm(cfg.q_lora_rank, ni * ci), "fp8"),
+                Term("indexer.weights", _mm(d, ni), "bf16"),
+                Term("indexer.compressor", 2 * _mm(d, 2 * ci) + 2.0 * 2 * ci * 2, "bf16"),
+                # score every finished compressed entry: sum_h w_h ReLU(q_h . k_s), QK in FP4 (§2.3.4)
+                Term("indexer.scores", 2.0 * ni * ci * (ctx // m), "fp4"),
+                Term("indexer.head_sum", 2.0 * ni * (ctx // m), "bf16"),
+            ]
+        # shared-KV MQA: QK over all c dims and AV over all c dims, every head (§2.3.1)
+        terms.append(Term("attn.core", 2 * 2.0 * nh * c * n_keys, "bf16"))
+        terms += _moe_terms(cfg, layer_id) + _mhc_terms(cfg)
+    del rd
+    terms.append(Term("head", _mm(d, cfg.vocab_size), "bf16"))
+    return _merge(terms)
+
+
+def v32_flops_terms(v: V32Config, ctx: int) -> list[Term]:
+    """V3.2 decode step, MLA in its absorbed (weight-folded) form as served, DSA top-k over all tokens."""
+    d, nh, r = v.hidden_size, v.num_attention_heads, v.kv_lora_rank
+    terms: list[Term] = []
+    for layer_id in range(v.num_hidden_layers):
+        terms += [
+            Term("attn.q_proj", _mm(d, v.q_lora_rank)
+                 + _mm(v.q_lora_rank, nh * (v.qk_nope_head_dim + v.qk_rope_head_dim)), "fp8"),
+            Term("attn.kv_proj", _mm(d, r + v.qk_rope_head_dim), "fp8"),
+            # absorbed W^UK (q_nope -> latent) and W^UV (latent -> v), per head, BF16 BMMs
+            Term("attn.absorb", nh * (_mm(v.qk_nope_head_dim, r) + _mm(r, v.v_head_dim)), "bf16"),
+            Term("attn.o_proj", _mm(nh * v.v_head_dim, d), "fp8"),
+            Term("indexer.q_proj", _mm(v.q_lora_rank, v.index_n_heads * v.index_head_dim), "fp8"),
+            Term("indexer.k_proj", _mm(d, v.index_head_dim), "fp8"),
+            Term("indexer.weights", _mm(d, v.index_n_heads), "bf16"),
+            # DSA scores every cached token, FP8 (DeepGEMM fp8_mqa_logits)
+            Term("indexer.scores", 2.0 * v.index_n_heads * v.index_head_dim * ctx, "fp8"),
+            Term("indexer.head_sum", 2.0 * v.index_n_heads * ctx, "bf16"),
+            # MQA over the 576-dim latent (QK) and 512-dim latent (AV) of the top-k tokens
+            Term("attn.core", 2.0 * nh * (2 * r + v.qk_rope_head_dim) * min(ctx, v.index_topk), "bf16"),
+        ]
+        if layer_id < v.first_k_dense_replace:
+            terms.append(Term("mlp.dense", 3 * _mm(d, v.intermediate_size), "fp8"))
+        else:
+            terms += [
+                Term("moe.routed", v.num_experts_per_tok * 3 * _mm(d, v.moe_intermediate_size), "fp8"),
+                Term("moe.shared", v.n_shared_experts * 3 * _mm(d, v.moe_intermediate_size), "fp8"),
+                Term("moe.router", _mm(d, v.n_routed_experts), "bf16"),
+            ]
+    terms.append(Term("head", _mm(d, v.vocab_size), "bf16"))
+    return _merge(terms)
+
+
+def gqa_flops_terms(g: GQAConfig, ctx: int) -> list[Term]:
+    d, hq, hk, hd = g.hidden_size, g.num_attention_heads, g.num_key_value_heads, g.head_dim
+    L = g.num_hidden_layers
+    return [
+        Term("attn.qkvo_proj", L * (_mm(d, hq * hd) + 2 * _mm(d, hk * hd) + _mm(hq * hd, d)), "fp8"),
+        Term("attn.core", L * 2 * 2.0 * hq * hd * ctx, "bf16"),
+        Term("moe", L * g.moe_flops, "fp8"),
+        Term("head", _mm(d, g.vocab_size), "bf16"),
+    ]
+
+
+# ---------------------------------------------------------------------- KV cache
+def v4_kv_terms(cfg: Config, ctx: int) -> dict[str, float]:
+    """Bytes of one sequence's cache at `ctx` tokens, by kind, summed over layers (§3.5.1, Figure 6)."""
+    entry, ikey = v4_kv_format(cfg).bytes, v4_indexer_key_format(cfg).bytes
+    out = {"window": 0.0, "compressed": 0.0, "indexer_keys": 0.0, "compressor_state": 0.0}
+    for m in cfg.compress_ratios:
+        # window ring of the last n_win uncompressed entries, same FP8/BF16 record as compressed ones
+        out["window"] += min(ctx, cfg.sliding_window) * entry
+        if not m:
+            continue
+        coff = 2 if m == 4 else 1
+        out["compressed"] += (ctx // m) * entry
+        # unfinished block(s): FP32 KV and gate-score rows of shape (coff*m, coff*c), pre-allocated
+        out["compressor_state"] += 2 * (coff * m) * (coff * cfg.head_dim) * 4
+        if m == 4:
+            out["indexer_keys"] += (ctx // m) * ikey
+            out["compressor_state"] += 2 * (2 * m) * (2 * cfg.index_head_dim) * 4
+    return out
+
+
+def v32_kv_terms(v: V32Config, ctx: int) -> dict[str, float]:
+    L = v.num_hidden_layers
+    return {"mla_latent": L * ctx * v.mla_format.bytes, "indexer_keys": L * ctx * v.indexer_key_format.bytes}
+
+
+def gqa_kv_terms(g: GQAConfig, ctx: int) -> dict[str, float]:
+    per_token_layer = 2 * g.num_key_value_heads * g.head_dim * g.kv_bytes_per_value  # K and V
+    return {"kv": g.num_hidden_layers * ctx * per_token_layer}
+
+
+# ---------------------------------------------------------------------- the models of Figure 1
+# Layer schedules of the released models (report §4.2.1; config.json `compress_ratios` without its trailing
+# MTP entry): Flash = 2 sliding-window-only layers, then CSA/HCA interleaved starting with CSA;
+# Pro = 2 HCA layers, then CSA/HCA interleaved starting with CSA.
+def released_compress_ratios(name: str, n_layers: int) -> list[int]:
+    head = {"flash": [0, 0], "pro": [128, 128]}[name]
+    return head + [4 if i % 2 == 0 else 128 for i in range(n_layers - 2)]
+
+
+def released_config(name: str) -> Config:
+    cfg = preset(name)
+    return cfg.replace(compress_ratios=released_compress_ratios(name, cfg.num_hidden_layers))
+
+
+@dataclass
+class Model:
+    name: str
+    flops_terms: callable
+    kv_terms: callable
+    gqa: str | None = None  # name of the GQA-8 model this one is compared with
+
+    def flops(self, ctx: int) -> float:
+        return sum(t.fp8_equiv for t in self.flops_terms(ctx))
+
+    def kv_bytes(self, ctx: int) -> float:
+        return sum(self.kv_terms(ctx).values())
+
+
+def default_models(pro: Config | None = None, flash: Config | None = None,
+                   v32: V32Config | None = None) -> dict[str, Model]:
+    pro, flash, v32 = pro or released_config("pro"), flash or released_config("flash"), v32 or V32Config()
+    gp, gf = GQAConfig.like(pro, "GQA-8 (Pro trunk)"), GQAConfig.like(flash, "GQA-8 (Flash trunk)")
+    models = [
+        Model("DeepSeek-V3.2", lambda n: v32_flops_terms(v32, n), lambda n: v32_kv_terms(v32, n)),
+        Model("V4-Pro", lambda n: v4_flops_terms(pro, n), lambda n: v4_kv_terms(pro, n), gqa=gp.name),
+        Model("V4-Flash", lambda n: v4_flops_terms(flash, n), lambda n: v4_kv_terms(flash, n), gqa=gf.name),
+        Model(gp.name, lambda n: gqa_flops_terms(gp, n), lambda n: gqa_kv_terms(gp, n)),
+        Model(gf.name, lambda n: gqa_flops_terms(gf, n), lambda n: gqa_kv_terms(gf, n)),
+    ]
+    return {m.name: m for m in models}
+
+
+BASELINE = "DeepSeek-V3.2"
+
+
+def analyse(models: dict[str, Model], contexts: list[int]) -> dict:
+    """Every number the CLI prints, as one JSON-ready dict."""
+    rows = []
+    for ctx in contexts:
+        base = models[BASELINE]
+        for m in models.values():
+            f, kv = m.flops(ctx), m.kv_bytes(ctx)
+            row = {
+                "model": m.name, "context": ctx,
+                "flops_fp8_equiv": f, "flops_raw": sum(t.flops for t in m.flops_terms(ctx)),
+                "kv_bytes": kv, "kv_gib": kv / GIB,
+                "flops_vs_v32": f / base.flops(ctx), "kv_vs_v32": kv / base.kv_bytes(ctx),
+                "kv_vs_gqa8": kv / models[m.gqa].kv_bytes(ctx) if m.gqa else None,
+                "flops_terms": {t.name: t.fp8_equiv for t in m.flops_terms(ctx)},
+                "kv_terms": m.kv_terms(ctx),
+            }
+            rows.append(row)
+    return {
+        "units": {"flops": "equivalent FP8 FLOPs per token (BF16 x2, FP8 x1, FP4xFP8 x1, FP4xFP4 x0.5)",
+                  "kv": "bytes per sequence, all layers", "context": "tokens (1M = 2**20)"},
+        "precision_weight": PRECISION_WEIGHT,
+        "report_1m": {"V4-Pro": {"flops_vs_v32": 0.27, "kv_vs_v32": 0.10},
+                      "V4-Flash": {"flops_vs_v32": 0.10, "kv_vs_v32": 0.07},
+                      "kv_vs_gqa8": 0.02},
+        "rows": rows,
+    }
+
+
+# ---------------------------------------------------------------------- CLI
+def parse_context(text: str) -> int:
+    t = text.strip().upper()
+    mult = {"K": KI, "M": MI}.get(t[-1:], 1)
+    try:
+        n = float(t[:-1] if mult > 1 else t) * mult
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"context {text!r}: use a token count like 131072, 128K or 1M") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"context {text!r} must be at least 1 token")
+    return int(n)
+
+
+def _fmt_ctx(n: int) -> str:
+    return f"{n // MI}M" if n % MI == 0 else f"{n // KI}K" if n % KI == 0 else str(n)
+
+
+def add_analyze_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--contexts", nargs="+", type=parse_context, default=list(DEFAULT_CONTEXTS),
+                        metavar="N", help="context lengths for the table (tokens; 128K, 1M, ... accepted)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    parser.add_argument("--plot", default="analysis.png", metavar="PATH",
+                        help="where to save the 2-panel PNG (FLOPs and KV vs context); default analysis.png")
+    parser.add_argument("--no-plot", action="store_true", help="do not write the PNG")
+    parser.add_argument("--pro-config", type=Path, metavar="PATH", help="V4-Pro config.json (default: preset)")
+    parser.add_argument("--flash-config", type=Path, metavar="PATH",
+                        help="V4-Flash config.json (default: preset)")
+
+
+def load_release_config(path: Path) -> Config:
+    """Read an official config.json; its `compress_ratios` carries one extra trailing entry for the MTP layer."""
+    raw = json.loads((path / "config.json" if path.is_dir() else path).read_text())
+    ratios = raw.get("compress_ratios")
+    if ratios is not None and len(ratios) == raw.get("num_hidden_layers", len(ratios)) + 1:
+        raw["compress_ratios"] = ratios[:-1]
+    return Config.from_dict(raw)
+
+
+def _print_table(result: dict, contexts: list[int]) -> None:
+    header = ["model", "context", "FLOPs/token (FP8-eq)", "KV cache", "FLOPs vs V3.2", "KV vs V3.2", "KV vs GQA-8"]
+    body = []
+    for r in result["rows"]:
+        body.append([r["model"], _fmt_ctx(r["context"]), f"{r['flops_fp8_equiv'] / 1e9:,.1f} G",
+                     f"{r['kv_gib']:,.2f} GiB", f"{100 * r['flops_vs_v32']:.1f} %", f"{100 * r['kv_vs_v32']:.1f} %",
+                     "" if r["kv_vs_gqa8"] is None else f"{100 * r['kv_vs_gqa8']:.2f} %"])
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        widths = [max(len(str(x)) for x in col) for col in zip(header, *body)]
+        for line in [header, *body]:
+            print("  ".join(str(x).rjust(w) if i else str(x).ljust(w) for i, (x, w) in enumerate(zip(line, widths))))
+        return
+    table = Table(title="Single-token inference FLOPs and KV cache (report Figure 1, right)")
+    for i, h in enumerate(header):
+        table.add_column(h, justify="left" if i < 2 else "right")
+    for i, line in enumerate(body):
+        table.add_row(*line, end_section=(i + 1) % (len(body) // len(contexts)) == 0)
+    Console().print(table)
+    rep = result["report_1m"]
+    print(f"report at 1M: V4-Pro {rep['V4-Pro']['flops_vs_v32']:.0%} FLOPs / {rep['V4-Pro']['kv_vs_v32']:.0%} KV, "
+          f"V4-Flash {rep['V4-Flash']['flops_vs_v32']:.0%} / {rep['V4-Flash']['kv_vs_v32']:.0%}, "
+          f"KV ~{rep['kv_vs_gqa8']:.0%} of GQA-8. Term-by-term accounting: docs/analysis.md")
+
+
+def plot(models: dict[str, Model], path: str | Path, lo: int = 4 * KI, hi: int = MI) -> Path:
+    """Two panels, log-x from `lo` to `hi`: FLOPs per token and KV cache per sequence vs context."""
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, safe in tests and servers
+
+    xs = [int(lo * (hi / lo) ** (i / 64)) for i in range(65)]
+    fig = Figure(figsize=(11, 4.2), layout="constrained")
+    ax_f, ax_kv = fig.subplots(1, 2)
+    styles = {"DeepSeek-V3.2": "k-", "V4-Pro": "C0-", "V4-Flash": "C1-"}
+    for name, m in models.items():
+        style = styles.get(name, "C3--" if "Pro" in name else "C3:")
+        ax_f.plot(xs, [m.flops(x) / 1e12 for x in xs], style, label=name)
+        ax_kv.plot(xs, [m.kv_bytes(x) / GIB for x in xs], style, label=name)
+    for ax, title, unit in ((ax_f, "Single-token FLOPs", "TFLOPs (FP8-equivalent)"),
+                            (ax_kv, "Accumulated KV cache", "GiB per sequence")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xticks([4 * KI, 16 * KI, 64 * KI, 256 * KI, MI], ["4K", "16K", "64K", "256K", "1M"])
+        ax.set_xlabel("context length (tokens)")
+        ax.set_ylabel(unit)
+        ax.set_title(title)
+        ax.grid(True, which="both", alpha=0.3)
+    ax_kv.legend(fontsize=8)
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def run_analyze(args: argparse.Namespace) -> int:
+    pro = load_release_config(args.pro_config) if getattr(args, "pro_config", None) else None
+    flash = load_release_config(args.flash_config) if getattr(args, "flash_config", None) else None
+    models = default_models(pro=pro, flash=flash)
+    contexts = list(args.contexts)
+    result = analyse(models, contexts)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        _print_table(result, contexts)
+    if not getattr(args, "no_plot", False):
+        path = plot(models, args.plot)
+        print(f"plot written to {path}", file=sys.stderr if args.json else sys.stdout)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dsv4.analysis", description=__doc__.split("\n")[0])
+    add_analyze_args(parser)
+    return run_analyze(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""KV compression (CSA §2.3.1 eqs. 9-12, HCA §2.3.2 eqs. 20-23) and the lightning indexer (eqs. 13-17).
+
+A compressor turns every `ratio` tokens into one KV entry: per token a value projection C = H W^KV and
+gate logits Z = H W^Z (+ a learned positional bias per slot), then per channel a softmax over the slots
+of the block weights the values: entry = RMSNorm(sum_j softmax(Z + B)_j * C_j), RoPE'd at the block's
+first position.  CSA (ratio 4) uses two series a/b of width `2 * head_dim`: entry i pools the series-b
+half of block i with the series-a half of block i-1 (overlapping windows, stride 4, width 8); HCA
+(ratio 128) uses one series and disjoint blocks.  A query at position t only ever sees entries whose
+block is finished: entry w is visible iff (w + 1) * ratio <= t + 1.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .cache import CompressorState
+from .config import Config
+from .layers import Linear, RMSNorm, apply_rope, rope_cos_sin
+
+
+def visible_entries(positions: torch.Tensor, ratio: int) -> torch.Tensor:
+    """Number of finished compressed entries a query at each position may attend to."""
+    return torch.div(positions + 1, ratio, rounding_mode="floor")
+
+
+class Compressor(nn.Module):
+    def __init__(self, config: Config, head_dim: int, ratio: int):
+        super().__init__()
+        self.head_dim, self.ratio = head_dim, ratio
+        self.overlap = ratio == 4  # CSA's two-series overlapping windows
+        width = 2 * head_dim if self.overlap else head_dim
+        self.wkv = Linear(config.hidden_size, width)
+        self.wgate = Linear(config.hidden_size, width)
+        self.ape = nn.Parameter(torch.zeros(ratio, width, dtype=torch.float32))  # positional bias per slot
+        self.norm = RMSNorm(head_dim, config.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, state: CompressorState, inv_freq: torch.Tensor) -> torch.Tensor:
+        """Consume new tokens x (B, S, d); append finished entries to `state`; return all entries (B, N, D)."""
+        kv, gate = self.wkv(x), self.wgate(x)
+        if state.pending_kv is not None:
+            kv = torch.cat((state.pending_kv, kv), dim=1)
+            gate = torch.cat((state.pending_gate, gate), dim=1)
+        first_block = state.num_entries
+        n_blocks = kv.shape[1] // self.ratio
+        done = n_blocks * self.ratio
+        state.pending_kv, state.pending_gate = kv[:, done:], gate[:, done:]
+        if n_blocks == 0:
+            if state.entries is None:
+                state.entries = kv.new_zeros(kv.shape[0], 0, self.head_dim)
+            return state.entries
+
+        B, D, m = kv.shape[0], self.head_dim, self.ratio
+        kv = kv[:, :done].unflatten(1, (n_blocks, m))  # (B, n, m, width)
+        gate = gate[:, :done].unflatten(1, (n_blocks, m)) + self.ape
+        if self.overlap:
+            # Slots 0..m-1: series a of the previous block (none before block 0: weight 0);
+            # slots m..2m-1: series b of this block.
+            prev_kv = kv.new_zeros(B, 1, m, D) if state.overlap_kv is None else state.overlap_kv.unsqueeze(1)
+            prev_gate = (gate.new_full((B, 1, m, D), float("-inf")) if state.overlap_gate is None
+                         else state.overlap_gate.unsqueeze(1))
+            state.overlap_kv, state.overlap_gate = kv[:, -1, :, :D], gate[:, -1, :, :D]
+            kv = torch.cat((torch.cat((prev_kv, kv[:, :-1, :, :D]), 1), kv[..., D:]), dim=2)  # (B, n, 2m, D)
+            gate = torch.cat((torch.cat((prev_gate, gate[:, :-1, :, :D]), 1), gate[..., D:]), dim=2)
+        weights = gate.softmax(dim=2, dtype=torch.float32).to(kv.dtype)
+        entries = self.norm((kv * weights).sum(dim=2))  # (B, n, D)
+        positions = (torch.arange(n_blocks, device=x.device) + first_block) * m
+        cos, sin = rope_cos_sin(positions, inv_freq)
+        entries = apply_rope(entries, cos, sin)
+        state.entries = entries if state.entries is None else torch.cat((state.entries, entries), dim=1)
+        return state.entries
+
+
+class Indexer(nn.Module):
+    """Lightning indexer: score(t, s) = sum_h w_{t,h} ReLU(q_{t,h} . K_s), top-k finished entries per query.
+
+    Queries come from the attention's query latent (low rank: `wq_b` on top of it), keys from its own
+    small compressor over the same blocks as the CSA compressor, head weights w from the hidden state.
+    """
+
+    def __init__(self, config: Config):
+        super().__init__()
+        self.n_heads, self.head_dim = config.index_n_heads, config.index_head_dim
+        self.topk = config.index_topk
+        self.ratio = 4
+        self.wq_b = Linear(config.q_lora_rank, self.n_heads * self.head_dim)
+        self.weights_proj = Linear(config.hidden_size, self.n_heads)
+        self.compressor = Compressor(config, self.head_dim, self.ratio)
+
+    def forward(self, x: torch.Tensor, q_latent: torch.Tensor, positions: torch.Tensor, state: CompressorState,
+                inv_freq: torch.Tensor, score_budget: int = 1 << 25) -> torch.Tensor:
+        """-> indices (B, S, k') of the chosen entries, k' = min(topk, entries), -1 where none is left."""
+        B, S, _ = x.shape
+        keys = self.compressor(x, state, inv_freq)  # (B, N, Di)
+        N = keys.shape[1]
+        if N == 0:
+            return torch.full((B, S, 0), -1, dtype=torch.long, device=x.device)
+        q = self.wq_b(q_latent).unflatten(-1, (self.n_heads, self.head_dim))  # (B, S, Hi, Di)
+        cos, sin = rope_cos_sin(positions, inv_freq)
+        q = apply_rope(q, cos[:, None], sin[:, None])
+        head_w = self.weights_proj(x).float() * self.n_heads ** -0.5  # (B, S, Hi)
+        visible = visible_entries(positions, self.ratio)  # (S,)
+        k = min(self.topk, N)
+        # Scores are (B, chunk, Hi, N) before the head sum: chunk the queries to bound memory.
+        chunk = max(1, score_budget // max(1, B * self.n_heads * N))
+        out = []
+        for s in range(0, S, chunk):
+            e = min(S, s + chunk)
+            scores = torch.einsum("bshd,bnd->bshn", q[:, s:e].float(), keys.float()).relu_()
+            scores = torch.einsum("bshn,bsh->bsn", scores, head_w[:, s:e]) * self.head_dim ** -0.5
+            future = torch.arange(N, device=x.device) >= visible[s:e, None]  # (chunk, N)
+            scores = scores.masked_fill(future, float("-inf"))
+            idx = scores.topk(k, dim=-1).indices
+            out.append(torch.where(idx >= visible[s:e, None], -1, idx))
+        return torch.cat(out, dim=1)

@@ -1,0 +1,129 @@
+"""The DeepSeek-V4 transformer, leaves first, root last.
+
+Block (§2): x (B, S, n_hc, d) --mHC--> attention (CSA / HCA / window) --mHC--> MoE.
+Transformer: embed -> copy into n_hc streams -> blocks -> merge streams (hc_head) -> RMSNorm -> head.
+Parameter names are the official checkpoint keys, so official weights load without a renaming table.
+One model serves training and inference: all inference state lives in the `KVCache` passed in.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .attention import Attention
+from .cache import KVCache, LayerCache
+from .config import Config, yarn_inv_freq
+from .layers import Linear, RMSNorm
+from .mhc import hc_expand, hc_head_collapse, hc_maps, hc_collapse
+from .moe import MoE
+
+
+class Block(nn.Module):
+    def __init__(self, config: Config, layer_id: int):
+        super().__init__()
+        self.config = config
+        self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.attn = Attention(config, layer_id)
+        self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.ffn = MoE(config, layer_id)
+        n, flat = config.hc_mult, config.hc_mult * config.hidden_size
+        for site in ("attn", "ffn"):  # mHC parameters of each sublayer, fp32 as released
+            self.register_parameter(f"hc_{site}_fn", nn.Parameter(torch.zeros((2 + n) * n, flat)))
+            self.register_parameter(f"hc_{site}_base", nn.Parameter(torch.zeros((2 + n) * n)))
+            self.register_parameter(f"hc_{site}_scale", nn.Parameter(torch.ones(3)))
+
+    def _maps(self, x: torch.Tensor, site: str):
+        c = self.config
+        return hc_maps(x, getattr(self, f"hc_{site}_fn"), getattr(self, f"hc_{site}_base"),
+                       getattr(self, f"hc_{site}_scale"), sinkhorn_iters=c.hc_sinkhorn_iters, hc_eps=c.hc_eps,
+                       norm_eps=c.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, input_ids: torch.Tensor | None, positions: torch.Tensor, cache: LayerCache,
+                inv_freq: torch.Tensor) -> torch.Tensor:
+        pre, post, comb = self._maps(x, "attn")
+        out = self.attn(self.attn_norm(hc_collapse(x, pre)), positions, cache, inv_freq)
+        x = hc_expand(x, out, post, comb)
+        pre, post, comb = self._maps(x, "ffn")
+        out = self.ffn(self.ffn_norm(hc_collapse(x, pre)), input_ids)
+        return hc_expand(x, out, post, comb)
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: Config):
+        super().__init__()
+        self.config = c = config
+        self.embed = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.layers = nn.ModuleList(Block(c, i) for i in range(c.num_hidden_layers))
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.head = Linear(c.hidden_size, c.vocab_size)
+        n = c.hc_mult
+        self.hc_head_fn = nn.Parameter(torch.zeros(n, n * c.hidden_size))
+        self.hc_head_base = nn.Parameter(torch.zeros(n))
+        self.hc_head_scale = nn.Parameter(torch.ones(1))
+        # RoPE frequencies: sliding-only layers use `rope_theta`; CSA / HCA layers, their compressed
+        # entries and the indexer use `compress_rope_theta` with YaRN (transformers' V4 does the same).
+        self.register_buffer("inv_freq_main", yarn_inv_freq(c.qk_rope_head_dim, c.rope_theta, None),
+                             persistent=False)
+        self.register_buffer("inv_freq_compress",
+                             yarn_inv_freq(c.qk_rope_head_dim, c.compress_rope_theta, c.rope_scaling),
+                             persistent=False)
+
+    def new_cache(self) -> KVCache:
+        return KVCache.empty(self.config)
+
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
+                return_hidden: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """input_ids (B, S) -> logits (B, S, vocab) in fp32.
+
+        With a cache the tokens continue the sequence it holds (and it is updated); without one the
+        tokens are a whole sequence starting at position 0. `return_hidden` also returns the final
+        hidden streams (B, S, n_hc, d) that the MTP module consumes.
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
+        if cache is None:
+            cache = self.new_cache()
+        start = cache.length
+        S = input_ids.shape[1]
+        if start + S > self.config.max_position_embeddings:
+            raise ValueError(f"sequence of {start + S} tokens exceeds max_position_embeddings="
+                             f"{self.config.max_position_embeddings}")
+        positions = torch.arange(start, start + S, device=input_ids.device)
+        h = self.embed(input_ids)
+        x = h.unsqueeze(2).expand(-1, -1, self.config.hc_mult, -1).contiguous()  # (B, S, n_hc, d)
+        for layer, layer_cache in zip(self.layers, cache.layers):
+            inv_freq = self.inv_freq_compress if layer.attn.ratio else self.inv_freq_main
+            x = layer(x, input_ids, positions, layer_cache, inv_freq)
+        cache.length = start + S
+        logits = self.logits(x)
+        return (logits, x) if return_hidden else logits
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.config
+        h = hc_head_collapse(x, self.hc_head_fn, self.hc_head_base, self.hc_head_scale, hc_eps=c.hc_eps,
+                             norm_eps=c.rms_norm_eps)
+        return self.head(self.norm(h)).float()
+
+
+@torch.no_grad()
+def init_weights(model: Transformer, seed: int = 0) -> Transformer:
+    """Random initialisation for new models: N(0, initializer_range) for matrices and embeddings,
+    neutral values for the rest (norm weights 1, mHC gates 1, biases / sinks / slot biases 0), and a
+    random token -> expert table for hash layers (distinct experts per token)."""
+    c = model.config
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        leaf = name.rsplit(".", 1)[-1]
+        if name.endswith("norm.weight") or leaf.endswith("_scale"):
+            p.fill_(1.0)
+        elif leaf.endswith("_base") or leaf in ("ape", "attn_sink"):
+            p.zero_()
+        else:
+            p.copy_(torch.randn(p.shape, generator=gen) * c.initializer_range)
+    for name, b in model.named_buffers():
+        if name.endswith("tid2eid"):
+            b.copy_(torch.rand(c.vocab_size, c.n_routed_experts, generator=gen).argsort(-1)[:, :b.shape[1]])
+        elif name.endswith("gate.bias"):
+            b.zero_()
+    return model
