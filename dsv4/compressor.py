@@ -110,6 +110,8 @@ class Indexer(nn.Module):
             scores = torch.einsum("bshn,bsh->bsn", scores, head_w[:, s:e]) * self.head_dim ** -0.5
             future = torch.arange(N, device=x.device) >= visible[s:e, None]  # (chunk, N)
             scores = scores.masked_fill(future, float("-inf"))
-            idx = scores.topk(k, dim=-1).indices
+            # Stable sort, not topk: equal scores (common, ReLU zeros) resolve to the lowest index, so the
+            # choice does not depend on how many future entries exist, and cached decode == full forward.
+            idx = scores.sort(dim=-1, descending=True, stable=True).indices[..., :k]
             out.append(torch.where(idx >= visible[s:e, None], -1, idx))
         return torch.cat(out, dim=1)

@@ -1,0 +1,25 @@
+import pytest
+import torch
+
+from dsv4.config import preset
+from dsv4.model import Transformer, init_weights
+
+
+def random_model(config, seed=0, spread=0.3):
+    """A tiny model whose every parameter is random and non-neutral (norm weights, mHC gates and biases,
+    sinks, slot biases, router bias), so that a parity test exercises each of them."""
+    model = init_weights(Transformer(config), seed=seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1 or name.endswith("ape"):
+                p.add_(torch.randn(p.shape, generator=gen) * spread)
+        for name, b in model.named_buffers():
+            if name.endswith("gate.bias"):
+                b.copy_(torch.randn(b.shape, generator=gen) * 0.1)
+    return model.eval()
+
+
+@pytest.fixture
+def tiny_config():
+    return preset("tiny")
