@@ -64,13 +64,17 @@ def _short(text: str, n: int = 80) -> str:
     return repr(text if len(text) <= n else text[:n] + "...")
 
 
+def _reject(constant: str):
+    raise ValueError(constant)
+
+
 def _parameter_json(name: str, value: str, attrs: dict, errors: list[str]) -> str:
     """The JSON text of one parameter value, given its raw DSML text."""
     kind = attrs.get("string")
     if kind == "true":
         return to_json(value)
     try:
-        json.loads(value)
+        json.loads(value, parse_constant=_reject)  # NaN / Infinity are not JSON
         valid = True
     except ValueError:
         valid = False

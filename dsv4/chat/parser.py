@@ -17,11 +17,13 @@ from dsv4.chat.dsml import BLOCK_TAGS, parse_invoke
 
 _DSML_TAG = "<" + T.DSML
 _DSML_END_TAG = "</" + T.DSML
-# In reasoning or content, any DSML tag starts the tool-call section; the blank line the
-# format puts before it belongs to the markup, not to the text.
+# In reasoning or content, any DSML markup starts the tool-call section: a tag, or even a
+# bare ｜DSML｜ token, so that markup never leaks into text. The blank line the format puts
+# before the block belongs to the markup, not to the text.
+_MARKUP_STOPS = ("\n\n" + _DSML_TAG, _DSML_TAG, _DSML_END_TAG, T.DSML)
 _TEXT_STOPS = {
-    "reasoning": (T.THINK_END, T.EOS, "\n\n" + _DSML_TAG, _DSML_TAG),
-    "content": (T.EOS, "\n\n" + _DSML_TAG, _DSML_TAG),
+    "reasoning": (T.THINK_END, T.EOS, *_MARKUP_STOPS),
+    "content": (T.EOS, *_MARKUP_STOPS),
 }
 
 
@@ -68,6 +70,7 @@ class StreamingParser:
         self._in_block = False  # inside <｜DSML｜tool_calls> ... </｜DSML｜tool_calls>
         self._events: list[ParseEvent] = []
         self._finished = False
+        self._after_eos = ""
         self.reasoning_content = ""
         self.content = ""
         self.tool_calls: list[dict] = []
@@ -90,6 +93,9 @@ class StreamingParser:
                 missing = "</think> and " if self.state == "reasoning" else ""
                 self._error(f"output ended without {missing}the end-of-sentence token "
                             "(truncated?)")
+            if self._after_eos:
+                self._error(f"text after the end-of-sentence token ignored: "
+                            f"{self._after_eos[:80]!r}")
             self._check_leftover_tokens()
         return self._take()
 
@@ -127,10 +133,9 @@ class StreamingParser:
                 progressed = self._advance_text(final)
             elif self.state == "dsml":
                 progressed = self._advance_dsml(final)
-            else:  # done
-                if self._buf:
-                    self._error(f"text after the end-of-sentence token ignored: {self._buf[:80]!r}")
-                    self._buf = ""
+            else:  # done: anything more is reported once, at finish()
+                self._after_eos += self._buf
+                self._buf = ""
                 progressed = False
             if not progressed:
                 return
@@ -153,8 +158,8 @@ class StreamingParser:
         if stop == T.EOS:
             self._buf = self._buf[pos + len(stop):]
             self.state = "done"
-        else:  # a DSML tag: keep the tag itself for the tool-call parser
-            self._buf = self._buf[pos + len(stop) - len(_DSML_TAG):]
+        else:  # DSML markup: hand it, minus the blank line, to the tool-call parser
+            self._buf = self._buf[pos + (2 if stop.startswith("\n\n") else 0):]
             self.state = "dsml"
         return True
 
