@@ -95,6 +95,13 @@ class CombinedOptimizer(torch.optim.Optimizer):
         for name, opt in self.optimizers.items():
             opt.load_state_dict(state_dict[name])
 
+    # Optimizer's pickling restores a param_groups attribute; this class keeps them in the wrapped ones.
+    def __getstate__(self) -> dict:
+        return self.__dict__
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+
     def __repr__(self) -> str:
         inner = ", ".join(f"{name}={type(opt).__name__}" for name, opt in self.optimizers.items())
         return f"CombinedOptimizer({inner})"
