@@ -68,9 +68,8 @@ def _reject(constant: str):
     raise ValueError(constant)
 
 
-def _parameter_json(name: str, value: str, attrs: dict, errors: list[str]) -> str:
-    """The JSON text of one parameter value, given its raw DSML text."""
-    kind = attrs.get("string")
+def _parameter_json(name: str, value: str, kind: str | None, errors: list[str]) -> str:
+    """The JSON text of one parameter value, given its raw DSML text and `string=` type."""
     if kind == "true":
         return to_json(value)
     try:
@@ -120,12 +119,12 @@ def parse_invoke(chunk: str) -> tuple[dict | None, list[str]]:
             return None, errors + [f"tool {name!r}: unterminated parameter "
                                    f"{_short(chunk[pos:end])}; tool call dropped"]
         pname, value = param.group(1), chunk[param.end():close]
-        attrs = dict(_ATTR.findall(param.group(2)))
+        kind = dict(_ATTR.findall(param.group(2))).get("string")
         pos = close + len(PARAM_CLOSE)
         if pname in fields:
             errors.append(f"tool {name!r}: duplicate parameter {pname!r}; first value kept")
             continue
-        fields[pname] = _parameter_json(pname, value, attrs, errors)
+        fields[pname] = _parameter_json(pname, value, kind, errors)
     # Assembled by hand rather than json.dumps(dict) so that valid JSON values keep the
     # model's own spelling, exactly as the reference decoder does.
     arguments = "{" + ", ".join(f"{to_json(k)}: {v}" for k, v in fields.items()) + "}"
