@@ -22,8 +22,9 @@ import argparse
 import json
 import math
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from dsv4.config import Config, preset
 
@@ -31,32 +32,32 @@ from dsv4.config import Config, preset
 PRECISION_WEIGHT = {"bf16": 2.0, "fp8": 1.0, "fp4xfp8": 1.0, "fp4": 0.5}
 
 KI, MI = 1024, 1024 * 1024
-GIB = 1024**3
+GIB, GB = 1024**3, 1e9  # Figure 1 labels its KV axis in GB
 DEFAULT_CONTEXTS = (128 * KI, MI)  # "128K" and "1M" = max_position_embeddings = 2**20 tokens
 
 
 # ---------------------------------------------------------------------- storage formats (bytes per entry)
 @dataclass(frozen=True)
 class KVFormat:
-    """Bytes of one cached vector: FP8 payload + BF16 RoPE dims + quantisation scales (+ padding)."""
+    """Bytes of one cached vector: FP8 / FP4 payload + BF16 RoPE dims + quantisation scales, padded to `align`."""
 
     fp8_dims: int
     bf16_dims: int = 0
     fp4_dims: int = 0
     scale_bytes: int = 0
-    pad_bytes: int = 0
+    align: int = 1
 
     @property
     def bytes(self) -> int:
-        return self.fp8_dims + 2 * self.bf16_dims + self.fp4_dims // 2 + self.scale_bytes + self.pad_bytes
+        raw = self.fp8_dims + 2 * self.bf16_dims + self.fp4_dims // 2 + self.scale_bytes
+        return -(-raw // self.align) * self.align
 
 
 def v4_kv_format(cfg: Config) -> KVFormat:
     # FlashMLA's V4 ("MODEL1") FP8 record: 448 FP8 nope dims, 64 BF16 RoPE dims, one UE8M0 scale byte per
-    # 64 nope dims (7) + 1 pad byte = 584 B. The reference quantises exactly so: act_quant(kv[..., :-64], 64).
+    # 64 nope dims (7), padded to 8 bytes: 584 B. The reference quantises so: act_quant(kv[..., :-64], 64).
     nope = cfg.head_dim - cfg.qk_rope_head_dim
-    n_scales = math.ceil(nope / 64)
-    return KVFormat(fp8_dims=nope, bf16_dims=cfg.qk_rope_head_dim, scale_bytes=n_scales, pad_bytes=n_scales % 2)
+    return KVFormat(fp8_dims=nope, bf16_dims=cfg.qk_rope_head_dim, scale_bytes=math.ceil(nope / 64), align=8)
 
 
 def v4_indexer_key_format(cfg: Config) -> KVFormat:
@@ -156,6 +157,11 @@ def _merge(terms: list[Term]) -> list[Term]:
     return list(out.values())
 
 
+def _n_series(m: int) -> int:
+    """CSA (m = 4) compresses two overlapping series C^a, C^b (§2.3.1); HCA one (§2.3.2)."""
+    return 2 if m == 4 else 1
+
+
 def _moe_terms(cfg: Config, layer_id: int) -> list[Term]:
     d, inter = cfg.hidden_size, cfg.moe_intermediate_size
     terms = [
@@ -178,7 +184,7 @@ def _mhc_terms(cfg: Config) -> list[Term]:
 
 def v4_flops_terms(cfg: Config, ctx: int) -> list[Term]:
     """FP8-taggable FLOP terms of one V4 decode step with `ctx` tokens already cached."""
-    d, c, nh, rd = cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads, cfg.qk_rope_head_dim
+    d, c, nh = cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads
     terms: list[Term] = []
     for layer_id, m in enumerate(cfg.compress_ratios):
         terms += [
@@ -189,10 +195,10 @@ def v4_flops_terms(cfg: Config, ctx: int) -> list[Term]:
         ]
         n_keys = min(ctx, cfg.sliding_window)
         if m:
-            coff = 2 if m == 4 else 1  # CSA keeps two overlapping series a, b (§2.3.1)
+            coff = _n_series(m)
             # token-level compressor: KV and gate projections of every token (BF16 in the checkpoint) and
-            # the softmax-weighted pooling amortised over the m tokens of a block
-            terms.append(Term("compressor", 2 * _mm(d, coff * c) + 2.0 * coff * c * coff, "bf16"))
+            # the softmax-weighted pooling of coff*m rows per entry, amortised over the m tokens of a block
+            terms.append(Term("compressor", 2 * _mm(d, coff * c) + 2.0 * coff * m * c / m, "bf16"))
             n_comp = ctx // m
             n_keys += min(cfg.index_topk, n_comp) if m == 4 else n_comp
         if m == 4:
@@ -200,7 +206,7 @@ def v4_flops_terms(cfg: Config, ctx: int) -> list[Term]:
             terms += [
                 Term("indexer.q_proj", _mm(cfg.q_lora_rank, ni * ci), "fp8"),
                 Term("indexer.weights", _mm(d, ni), "bf16"),
-                Term("indexer.compressor", 2 * _mm(d, 2 * ci) + 2.0 * 2 * ci * 2, "bf16"),
+                Term("indexer.compressor", 2 * _mm(d, 2 * ci) + 2.0 * 2 * m * ci / m, "bf16"),
                 # score every finished compressed entry: sum_h w_h ReLU(q_h . k_s), QK in FP4 (§2.3.4)
                 Term("indexer.scores", 2.0 * ni * ci * (ctx // m), "fp4"),
                 Term("indexer.head_sum", 2.0 * ni * (ctx // m), "bf16"),
@@ -208,7 +214,6 @@ def v4_flops_terms(cfg: Config, ctx: int) -> list[Term]:
         # shared-KV MQA: QK over all c dims and AV over all c dims, every head (§2.3.1)
         terms.append(Term("attn.core", 2 * 2.0 * nh * c * n_keys, "bf16"))
         terms += _moe_terms(cfg, layer_id) + _mhc_terms(cfg)
-    del rd
     terms.append(Term("head", _mm(d, cfg.vocab_size), "bf16"))
     return _merge(terms)
 
@@ -267,7 +272,7 @@ def v4_kv_terms(cfg: Config, ctx: int) -> dict[str, float]:
         out["window"] += min(ctx, cfg.sliding_window) * entry
         if not m:
             continue
-        coff = 2 if m == 4 else 1
+        coff = _n_series(m)
         out["compressed"] += (ctx // m) * entry
         # unfinished block(s): FP32 KV and gate-score rows of shape (coff*m, coff*c), pre-allocated
         out["compressor_state"] += 2 * (coff * m) * (coff * cfg.head_dim) * 4
@@ -304,9 +309,9 @@ def released_config(name: str) -> Config:
 @dataclass
 class Model:
     name: str
-    flops_terms: callable
-    kv_terms: callable
-    gqa: str | None = None  # name of the GQA-8 model this one is compared with
+    flops_terms: Callable[[int], list[Term]]
+    kv_terms: Callable[[int], dict[str, float]]
+    gqa: str | None = None  # name of the GQA-8 model with the same trunk (layers, d)
 
     def flops(self, ctx: int) -> float:
         return sum(t.fp8_equiv for t in self.flops_terms(ctx))
@@ -318,9 +323,10 @@ class Model:
 def default_models(pro: Config | None = None, flash: Config | None = None,
                    v32: V32Config | None = None) -> dict[str, Model]:
     pro, flash, v32 = pro or released_config("pro"), flash or released_config("flash"), v32 or V32Config()
-    gp, gf = GQAConfig.like(pro, "GQA-8 (Pro trunk)"), GQAConfig.like(flash, "GQA-8 (Flash trunk)")
+    gp, gf = GQAConfig.like(pro, "GQA-8 (Pro)"), GQAConfig.like(flash, "GQA-8 (Flash)")
     models = [
-        Model("DeepSeek-V3.2", lambda n: v32_flops_terms(v32, n), lambda n: v32_kv_terms(v32, n)),
+        # V3.2 has Pro's trunk (61 layers, d 7168), so it is compared with the Pro-trunk GQA-8
+        Model("DeepSeek-V3.2", lambda n: v32_flops_terms(v32, n), lambda n: v32_kv_terms(v32, n), gqa=gp.name),
         Model("V4-Pro", lambda n: v4_flops_terms(pro, n), lambda n: v4_kv_terms(pro, n), gqa=gp.name),
         Model("V4-Flash", lambda n: v4_flops_terms(flash, n), lambda n: v4_kv_terms(flash, n), gqa=gf.name),
         Model(gp.name, lambda n: gqa_flops_terms(gp, n), lambda n: gqa_kv_terms(gp, n)),
@@ -330,32 +336,35 @@ def default_models(pro: Config | None = None, flash: Config | None = None,
 
 
 BASELINE = "DeepSeek-V3.2"
+REPORT_1M = {"V4-Pro": {"flops_vs_v32": 0.27, "kv_vs_v32": 0.10, "kv_vs_gqa8": 0.02},
+             "V4-Flash": {"flops_vs_v32": 0.10, "kv_vs_v32": 0.07, "kv_vs_gqa8": 0.02}}
 
 
 def analyse(models: dict[str, Model], contexts: list[int]) -> dict:
     """Every number the CLI prints, as one JSON-ready dict."""
     rows = []
     for ctx in contexts:
-        base = models[BASELINE]
+        base_f, base_kv = models[BASELINE].flops(ctx), models[BASELINE].kv_bytes(ctx)
         for m in models.values():
-            f, kv = m.flops(ctx), m.kv_bytes(ctx)
-            row = {
+            terms = m.flops_terms(ctx)
+            f, kv = sum(t.fp8_equiv for t in terms), m.kv_bytes(ctx)
+            gqa = models[m.gqa] if m.gqa else None
+            rows.append({
                 "model": m.name, "context": ctx,
-                "flops_fp8_equiv": f, "flops_raw": sum(t.flops for t in m.flops_terms(ctx)),
-                "kv_bytes": kv, "kv_gib": kv / GIB,
-                "flops_vs_v32": f / base.flops(ctx), "kv_vs_v32": kv / base.kv_bytes(ctx),
-                "kv_vs_gqa8": kv / models[m.gqa].kv_bytes(ctx) if m.gqa else None,
-                "flops_terms": {t.name: t.fp8_equiv for t in m.flops_terms(ctx)},
+                "flops": f, "flops_raw": sum(t.flops for t in terms),
+                "kv_bytes": kv, "kv_gb": kv / GB, "kv_gib": kv / GIB,
+                "flops_vs_v32": f / base_f, "kv_vs_v32": kv / base_kv,
+                "flops_vs_gqa8": f / gqa.flops(ctx) if gqa else None,
+                "kv_vs_gqa8": kv / gqa.kv_bytes(ctx) if gqa else None,
+                "gqa8": m.gqa,
+                "flops_terms": {t.name: t.fp8_equiv for t in terms},
                 "kv_terms": m.kv_terms(ctx),
-            }
-            rows.append(row)
+            })
     return {
-        "units": {"flops": "equivalent FP8 FLOPs per token (BF16 x2, FP8 x1, FP4xFP8 x1, FP4xFP4 x0.5)",
-                  "kv": "bytes per sequence, all layers", "context": "tokens (1M = 2**20)"},
+        "units": {"flops": "equivalent FP8 FLOPs per token", "kv": "bytes per sequence, all layers",
+                  "context": "tokens (1M = 2**20)"},
         "precision_weight": PRECISION_WEIGHT,
-        "report_1m": {"V4-Pro": {"flops_vs_v32": 0.27, "kv_vs_v32": 0.10},
-                      "V4-Flash": {"flops_vs_v32": 0.10, "kv_vs_v32": 0.07},
-                      "kv_vs_gqa8": 0.02},
+        "report_1m": REPORT_1M,
         "rows": rows,
     }
 
@@ -384,9 +393,9 @@ def add_analyze_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plot", default="analysis.png", metavar="PATH",
                         help="where to save the 2-panel PNG (FLOPs and KV vs context); default analysis.png")
     parser.add_argument("--no-plot", action="store_true", help="do not write the PNG")
-    parser.add_argument("--pro-config", type=Path, metavar="PATH", help="V4-Pro config.json (default: preset)")
+    parser.add_argument("--pro-config", type=Path, metavar="PATH", help="official V4-Pro config.json (default: released_config('pro'))")
     parser.add_argument("--flash-config", type=Path, metavar="PATH",
-                        help="V4-Flash config.json (default: preset)")
+                        help="official V4-Flash config.json (default: released_config('flash'))")
 
 
 def load_release_config(path: Path) -> Config:
@@ -398,31 +407,40 @@ def load_release_config(path: Path) -> Config:
     return Config.from_dict(raw)
 
 
+def _pct(x: float | None, digits: int = 1) -> str:
+    return "" if x is None else f"{100 * x:.{digits}f} %"
+
+
 def _print_table(result: dict, contexts: list[int]) -> None:
-    header = ["model", "context", "FLOPs/token (FP8-eq)", "KV cache", "FLOPs vs V3.2", "KV vs V3.2", "KV vs GQA-8"]
-    body = []
-    for r in result["rows"]:
-        body.append([r["model"], _fmt_ctx(r["context"]), f"{r['flops_fp8_equiv'] / 1e9:,.1f} G",
-                     f"{r['kv_gib']:,.2f} GiB", f"{100 * r['flops_vs_v32']:.1f} %", f"{100 * r['kv_vs_v32']:.1f} %",
-                     "" if r["kv_vs_gqa8"] is None else f"{100 * r['kv_vs_gqa8']:.2f} %"])
+    header = ["model", "context", "FLOPs/token", "KV cache", "FLOPs/V3.2", "KV/V3.2", "FLOPs/GQA-8", "KV/GQA-8"]
+    body = [[r["model"], _fmt_ctx(r["context"]), f"{r['flops'] / 1e9:,.1f} G", f"{r['kv_gb']:,.2f} GB",
+             _pct(r["flops_vs_v32"]), _pct(r["kv_vs_v32"]), _pct(r["flops_vs_gqa8"]), _pct(r["kv_vs_gqa8"], 2)]
+            for r in result["rows"]]
+    rep = result["report_1m"]
+    note = ("FLOPs in equivalent FP8 FLOPs (BF16 x2, FP8 x1, FP4 weights x1, FP4 x FP4 x0.5); KV in GB = 1e9 B; "
+            "GQA-8 = BF16 GQA-8 (head dim 128) on the same trunk.\n"
+            f"Report at 1M: V4-Pro {rep['V4-Pro']['flops_vs_v32']:.0%} FLOPs / {rep['V4-Pro']['kv_vs_v32']:.0%} KV "
+            f"of V3.2, V4-Flash {rep['V4-Flash']['flops_vs_v32']:.0%} / {rep['V4-Flash']['kv_vs_v32']:.0%}, V4 KV "
+            f"~{rep['V4-Pro']['kv_vs_gqa8']:.0%} of GQA-8. Term by term: docs/analysis.md")
     try:
         from rich.console import Console
         from rich.table import Table
     except ImportError:
         widths = [max(len(str(x)) for x in col) for col in zip(header, *body)]
         for line in [header, *body]:
-            print("  ".join(str(x).rjust(w) if i else str(x).ljust(w) for i, (x, w) in enumerate(zip(line, widths))))
+            print("  ".join(str(x).ljust(w) if i < 2 else str(x).rjust(w)
+                            for i, (x, w) in enumerate(zip(line, widths))))
+        print(note)
         return
-    table = Table(title="Single-token inference FLOPs and KV cache (report Figure 1, right)")
+    table = Table(title="Single-token inference FLOPs and KV cache (report Figure 1, right)", caption=note)
     for i, h in enumerate(header):
-        table.add_column(h, justify="left" if i < 2 else "right")
+        table.add_column(h, justify="left" if i < 2 else "right", no_wrap=True)
+    per_ctx = len(body) // len(contexts)
     for i, line in enumerate(body):
-        table.add_row(*line, end_section=(i + 1) % (len(body) // len(contexts)) == 0)
-    Console().print(table)
-    rep = result["report_1m"]
-    print(f"report at 1M: V4-Pro {rep['V4-Pro']['flops_vs_v32']:.0%} FLOPs / {rep['V4-Pro']['kv_vs_v32']:.0%} KV, "
-          f"V4-Flash {rep['V4-Flash']['flops_vs_v32']:.0%} / {rep['V4-Flash']['kv_vs_v32']:.0%}, "
-          f"KV ~{rep['kv_vs_gqa8']:.0%} of GQA-8. Term-by-term accounting: docs/analysis.md")
+        table.add_row(*line, end_section=(i + 1) % per_ctx == 0)
+    console = Console()
+    console.width = max(console.width, 110)  # piped output defaults to 80 columns, too narrow for 8 columns
+    console.print(table)
 
 
 def plot(models: dict[str, Model], path: str | Path, lo: int = 4 * KI, hi: int = MI) -> Path:
@@ -436,9 +454,9 @@ def plot(models: dict[str, Model], path: str | Path, lo: int = 4 * KI, hi: int =
     for name, m in models.items():
         style = styles.get(name, "C3--" if "Pro" in name else "C3:")
         ax_f.plot(xs, [m.flops(x) / 1e12 for x in xs], style, label=name)
-        ax_kv.plot(xs, [m.kv_bytes(x) / GIB for x in xs], style, label=name)
+        ax_kv.plot(xs, [m.kv_bytes(x) / GB for x in xs], style, label=name)
     for ax, title, unit in ((ax_f, "Single-token FLOPs", "TFLOPs (FP8-equivalent)"),
-                            (ax_kv, "Accumulated KV cache", "GiB per sequence")):
+                            (ax_kv, "Accumulated KV cache", "GB per sequence")):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xticks([4 * KI, 16 * KI, 64 * KI, 256 * KI, MI], ["4K", "16K", "64K", "256K", "1M"])
