@@ -55,7 +55,8 @@ class LayerCache:
 class KVCache:
     layers: list[LayerCache]
     length: int = 0  # tokens consumed so far = absolute position of the next token
-    mtp: list[LayerCache] = field(default_factory=list)
+    mtp: list[LayerCache] = field(default_factory=list)  # one window-only layer per MTP block
+    mtp_length: list[int] = field(default_factory=list)  # tokens each MTP block has consumed
 
     @classmethod
     def empty(cls, config: Config) -> "KVCache":
@@ -63,9 +64,9 @@ class KVCache:
             return LayerCache(compressor=CompressorState() if ratio else None,
                               indexer=CompressorState() if ratio == 4 else None)
 
-        # The MTP block attends with its own (sliding-window) cache, see dsv4.mtp.
-        return cls(layers=[layer(r) for r in config.compress_ratios],
-                   mtp=[layer(0) for _ in range(config.num_nextn_predict_layers)])
+        n, k = config.num_hidden_layers, config.num_nextn_predict_layers
+        return cls(layers=[layer(r) for r in config.compress_ratios[:n]], mtp=[layer(0) for _ in range(k)],
+                   mtp_length=[0] * k)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for layer in self.layers + self.mtp for t in layer.tensors())

@@ -45,7 +45,9 @@ class Config:
     compress_rope_theta: float = 160000.0  # RoPE base of CSA / HCA layers and their compressed entries
     rope_scaling: dict | None = None  # YaRN for the compressed layers, e.g. {"type": "yarn", "factor": 16, ...}
     # --- CSA / HCA (§2.3.1-2.3.2)
-    compress_ratios: list[int] | None = None  # per layer: 0, 4 (CSA) or 128 (HCA); None = V4 default schedule
+    # Per layer, then per MTP block (official: num_hidden_layers + num_nextn_predict_layers entries):
+    # 0 = window only, 4 = CSA, 128 = HCA. None = V4-Flash's schedule. MTP blocks are always 0.
+    compress_ratios: list[int] | None = None
     index_n_heads: int = 64  # lightning indexer heads n_h^I
     index_head_dim: int = 128  # c^I
     index_topk: int = 512  # k compressed entries per query
@@ -75,12 +77,14 @@ class Config:
         if self.compress_ratios is None:
             self.compress_ratios = default_compress_ratios(self.num_hidden_layers)
         self.compress_ratios = [int(r) for r in self.compress_ratios]
+        if len(self.compress_ratios) == self.num_hidden_layers:  # transformers truncates the MTP entries
+            self.compress_ratios += [0] * self.num_nextn_predict_layers
         self.validate()
 
     # ------------------------------------------------------------------ derived
     @property
     def layer_types(self) -> list[str]:
-        return [LAYER_TYPE_OF_RATIO[r] for r in self.compress_ratios]
+        return [LAYER_TYPE_OF_RATIO[r] for r in self.compress_ratios[:self.num_hidden_layers]]
 
     @property
     def nope_head_dim(self) -> int:
@@ -107,8 +111,12 @@ class Config:
              f"must hold the {self.qk_rope_head_dim} RoPE dims, got {self.index_head_dim}")
         need(self.num_attention_heads % self.o_groups == 0, "o_groups",
              f"{self.o_groups} groups do not divide num_attention_heads={self.num_attention_heads}")
-        need(len(self.compress_ratios) == self.num_hidden_layers, "compress_ratios",
-             f"has {len(self.compress_ratios)} entries for num_hidden_layers={self.num_hidden_layers}")
+        n_total = self.num_hidden_layers + self.num_nextn_predict_layers
+        need(len(self.compress_ratios) == n_total, "compress_ratios",
+             f"has {len(self.compress_ratios)} entries; expected num_hidden_layers + num_nextn_predict_layers"
+             f" = {n_total}")
+        need(all(r == 0 for r in self.compress_ratios[self.num_hidden_layers:]), "compress_ratios",
+             "MTP blocks (the trailing entries) must be window-only (0)")
         bad = sorted({r for r in self.compress_ratios if r not in LAYER_TYPE_OF_RATIO})
         need(not bad, "compress_ratios", f"unknown layer type(s) {bad}; allowed ratios are 0 (window), 4 (CSA), "
              "128 (HCA)")
@@ -209,10 +217,11 @@ def _near_miss(name: str, known: set[str]) -> str | None:
     return hit[0] if hit else None
 
 
-def default_compress_ratios(n_layers: int) -> list[int]:
-    """V4 schedule (transformers' default): two HCA layers, then HCA / CSA alternating."""
-    rest = [4 if i % 2 else 128 for i in range(max(n_layers - 2, 0))]
-    return ([128] * min(n_layers, 2) + rest)[:n_layers]
+def default_compress_ratios(n_layers: int, first: int = 0) -> list[int]:
+    """The released schedule: two layers of type `first` (V4-Flash: window-only, V4-Pro: HCA), then
+    CSA / HCA alternating, ending on CSA (official config.json files)."""
+    rest = [4 if i % 2 == 0 else 128 for i in range(max(n_layers - 2, 0))]
+    return ([first] * min(n_layers, 2) + rest)[:n_layers]
 
 
 def yarn_inv_freq(dim: int, base: float, scaling: dict | None) -> "torch.Tensor":
@@ -251,6 +260,7 @@ def _flash() -> Config:
 def _pro() -> Config:
     return Config(hidden_size=7168, num_hidden_layers=61, num_attention_heads=128, q_lora_rank=1536,
                   o_groups=16, n_routed_experts=384, moe_intermediate_size=3072, index_topk=1024,
+                  routed_scaling_factor=2.5, compress_ratios=default_compress_ratios(61, first=128) + [0],
                   rope_scaling={"type": "yarn", "factor": 16, "original_max_position_embeddings": 65536,
                                 "beta_fast": 32, "beta_slow": 1})
 

@@ -17,6 +17,7 @@ from .config import Config, yarn_inv_freq
 from .layers import Linear, RMSNorm
 from .mhc import hc_expand, hc_head_collapse, hc_maps, hc_collapse
 from .moe import MoE
+from .mtp import MTP
 
 
 class Block(nn.Module):
@@ -50,24 +51,40 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, seed: int = 0):
         super().__init__()
         self.config = c = config
         self.embed = nn.Embedding(c.vocab_size, c.hidden_size)
         self.layers = nn.ModuleList(Block(c, i) for i in range(c.num_hidden_layers))
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.head = Linear(c.hidden_size, c.vocab_size)
+        self.mtp = nn.ModuleList(MTP(c, c.num_hidden_layers + k) for k in range(c.num_nextn_predict_layers))
         n = c.hc_mult
         self.hc_head_fn = nn.Parameter(torch.zeros(n, n * c.hidden_size))
         self.hc_head_base = nn.Parameter(torch.zeros(n))
         self.hc_head_scale = nn.Parameter(torch.ones(1))
-        # RoPE frequencies: sliding-only layers use `rope_theta`; CSA / HCA layers, their compressed
-        # entries and the indexer use `compress_rope_theta` with YaRN (transformers' V4 does the same).
-        self.register_buffer("inv_freq_main", yarn_inv_freq(c.qk_rope_head_dim, c.rope_theta, None),
-                             persistent=False)
-        self.register_buffer("inv_freq_compress",
-                             yarn_inv_freq(c.qk_rope_head_dim, c.compress_rope_theta, c.rope_scaling),
-                             persistent=False)
+        self.register_buffer("inv_freq_main", torch.empty(c.qk_rope_head_dim // 2), persistent=False)
+        self.register_buffer("inv_freq_compress", torch.empty(c.qk_rope_head_dim // 2), persistent=False)
+        self.reset_rope()
+        if self.embed.weight.device.type != "meta":  # built on meta when a checkpoint will fill it
+            init_weights(self, seed)
+
+    def reset_rope(self) -> None:
+        """(Re)compute the RoPE frequencies (also after building the model on the meta device).
+
+        Sliding-only layers use `rope_theta`; CSA / HCA layers, their compressed entries and the indexer
+        use `compress_rope_theta` with YaRN (as transformers' V4 does)."""
+        c, device = self.config, self.embed.weight.device
+        device = torch.device("cpu") if device.type == "meta" else device
+        self.inv_freq_main = yarn_inv_freq(c.qk_rope_head_dim, c.rope_theta, None).to(device)
+        self.inv_freq_compress = yarn_inv_freq(c.qk_rope_head_dim, c.compress_rope_theta, c.rope_scaling).to(device)
+
+    def to_dtype(self, dtype: torch.dtype) -> "Transformer":
+        """Cast to `dtype`, keeping in fp32 what the release keeps in fp32 (norms, mHC, sinks, slot biases,
+        router bias): they are tiny and precision-sensitive."""
+        for name, p in self.named_parameters():
+            p.data = p.data.to(torch.float32 if keeps_fp32(name) else dtype)
+        return self
 
     def new_cache(self) -> KVCache:
         return KVCache.empty(self.config)
@@ -99,11 +116,34 @@ class Transformer(nn.Module):
         logits = self.logits(x)
         return (logits, x) if return_hidden else logits
 
+    def mtp_logits(self, hidden: torch.Tensor, next_ids: torch.Tensor, cache: KVCache | None = None,
+                   depth: int = 0) -> torch.Tensor:
+        """Logits of MTP block `depth` for the token after next.
+
+        hidden: the trunk's final streams for positions p..p+S-1 (from `forward(..., return_hidden=True)`),
+        next_ids: the tokens at p+1..p+S. With a cache, its MTP state continues like the trunk's."""
+        if cache is None:
+            cache = self.new_cache()
+            start = 0
+        else:
+            start = cache.mtp_length[depth]
+        S = next_ids.shape[1]
+        positions = torch.arange(start, start + S, device=next_ids.device)
+        logits, _ = self.mtp[depth](hidden, self.embed(next_ids), next_ids, positions, cache.mtp[depth],
+                                    self.inv_freq_main, self.head)
+        cache.mtp_length[depth] = start + S
+        return logits
+
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         c = self.config
         h = hc_head_collapse(x, self.hc_head_fn, self.hc_head_base, self.hc_head_scale, hc_eps=c.hc_eps,
                              norm_eps=c.rms_norm_eps)
         return self.head(self.norm(h)).float()
+
+
+def keeps_fp32(name: str) -> bool:
+    leaf = name.rsplit(".", 1)[-1]
+    return name.endswith("norm.weight") or leaf.startswith("hc_") or leaf in ("attn_sink", "ape", "bias")
 
 
 @torch.no_grad()

@@ -2,13 +2,13 @@ import pytest
 import torch
 
 from dsv4.config import preset
-from dsv4.model import Transformer, init_weights
+from dsv4.model import Transformer
 
 
 def random_model(config, seed=0, spread=0.3):
     """A tiny model whose every parameter is random and non-neutral (norm weights, mHC gates and biases,
     sinks, slot biases, router bias), so that a parity test exercises each of them."""
-    model = init_weights(Transformer(config), seed=seed)
+    model = Transformer(config, seed=seed)
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -56,3 +56,17 @@ def test_too_long_sequence_is_refused():
     model = random_model(config)
     with pytest.raises(ValueError, match="max_position_embeddings"):
         model(torch.zeros(1, 65, dtype=torch.long))
+
+
+def test_mtp_decode_equals_full(model_and_ids):
+    """The MTP block (token after next) continues through its own cache exactly like the trunk."""
+    model, ids, _ = model_and_ids
+    with torch.no_grad():
+        _, hidden = model(ids, return_hidden=True)
+        full = model.mtp_logits(hidden[:, :-1], ids[:, 1:])
+        cache = model.new_cache()
+        outs = []
+        for s, e in ((0, 9), (9, 10), (10, 140), (140, 299)):
+            _, h = model(ids[:, s:e], cache, return_hidden=True)
+            outs.append(model.mtp_logits(h, ids[:, s + 1:e + 1], cache))
+    torch.testing.assert_close(torch.cat(outs, dim=1), full, atol=1e-4 * full.abs().max().item(), rtol=0)
