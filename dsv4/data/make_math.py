@@ -13,7 +13,7 @@ from fractions import Fraction
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from make_corpus import CORPUS, write_jsonl_gz  # noqa: E402
+from make_corpus import CORPUS, write_jsonl_gz
 
 SEED = 20240501
 NUM_DOCS = 1200
@@ -54,7 +54,8 @@ def addition(r: random.Random) -> str:
     if r.random() < 0.5:
         return f"Compute {a} + {b}.\nAdding column by column from the right gives {a} + {b} = {a + b}.\nAnswer: {a + b}"
     a, b = max(a, b), min(a, b)
-    return f"Compute {a} - {b}.\nSubtracting column by column from the right gives {a} - {b} = {a - b}.\nAnswer: {a - b}"
+    return (f"Compute {a} - {b}.\nSubtracting column by column from the right gives {a} - {b} = {a - b}.\n"
+            f"Answer: {a - b}")
 
 
 def multiplication(r: random.Random) -> str:
@@ -123,7 +124,8 @@ def linear_system(r: random.Random) -> str:
     return (f"Solve the system {eqs[0]} and {eqs[1]}.\n"
             f"Multiply the first equation by {d} and the second by {b}, then subtract: "
             f"({a * d} - {par(b * c)})x = {e * d} - {par(f * b)}, so {term(det, 'x')} = {e * d - f * b} and x = {x}.\n"
-            f"Substitute into the first equation: {term(b, 'y')} = {e} - {par(a)} × {par(x)} = {e - a * x}, so y = {y}.\n"
+            f"Substitute into the first equation: "
+            f"{term(b, 'y')} = {e} - {par(a)} × {par(x)} = {e - a * x}, so y = {y}.\n"
             f"Answer: x = {x}, y = {y}")
 
 
