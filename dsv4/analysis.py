@@ -186,7 +186,7 @@ def v4_flops_terms(cfg: Config, ctx: int) -> list[Term]:
     """FP8-taggable FLOP terms of one V4 decode step with `ctx` tokens already cached."""
     d, c, nh = cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads
     terms: list[Term] = []
-    for layer_id, m in enumerate(cfg.compress_ratios):
+    for layer_id, m in enumerate(cfg.layer_ratios):
         terms += [
             Term("attn.q_proj", _mm(d, cfg.q_lora_rank) + _mm(cfg.q_lora_rank, nh * c), "fp8"),
             Term("attn.kv_proj", _mm(d, c), "fp8"),  # window KV of this token
@@ -267,7 +267,7 @@ def v4_kv_terms(cfg: Config, ctx: int) -> dict[str, float]:
     """Bytes of one sequence's cache at `ctx` tokens, by kind, summed over layers (§3.5.1, Figure 6)."""
     entry, ikey = v4_kv_format(cfg).bytes, v4_indexer_key_format(cfg).bytes
     out = {"window": 0.0, "compressed": 0.0, "indexer_keys": 0.0, "compressor_state": 0.0}
-    for m in cfg.compress_ratios:
+    for m in cfg.layer_ratios:
         # window ring of the last n_win uncompressed entries, same FP8/BF16 record as compressed ones
         out["window"] += min(ctx, cfg.sliding_window) * entry
         if not m:
@@ -293,17 +293,7 @@ def gqa_kv_terms(g: GQAConfig, ctx: int) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------------- the models of Figure 1
-# Layer schedules of the released models (report §4.2.1; config.json `compress_ratios` without its trailing
-# MTP entry): Flash = 2 sliding-window-only layers, then CSA/HCA interleaved starting with CSA;
-# Pro = 2 HCA layers, then CSA/HCA interleaved starting with CSA.
-def released_compress_ratios(name: str, n_layers: int) -> list[int]:
-    head = {"flash": [0, 0], "pro": [128, 128]}[name]
-    return head + [4 if i % 2 == 0 else 128 for i in range(n_layers - 2)]
-
-
-def released_config(name: str) -> Config:
-    cfg = preset(name)
-    return cfg.replace(compress_ratios=released_compress_ratios(name, cfg.num_hidden_layers))
+# The presets carry the released layer schedules (report §4.2.1, official config.json).
 
 
 @dataclass
@@ -322,7 +312,7 @@ class Model:
 
 def default_models(pro: Config | None = None, flash: Config | None = None,
                    v32: V32Config | None = None) -> dict[str, Model]:
-    pro, flash, v32 = pro or released_config("pro"), flash or released_config("flash"), v32 or V32Config()
+    pro, flash, v32 = pro or preset("pro"), flash or preset("flash"), v32 or V32Config()
     gp, gf = GQAConfig.like(pro, "GQA-8 (Pro)"), GQAConfig.like(flash, "GQA-8 (Flash)")
     models = [
         # V3.2 has Pro's trunk (61 layers, d 7168), so it is compared with the Pro-trunk GQA-8
@@ -398,15 +388,6 @@ def add_analyze_args(parser: argparse.ArgumentParser) -> None:
                         help="official V4-Flash config.json (default: released_config('flash'))")
 
 
-def load_release_config(path: Path) -> Config:
-    """Read an official config.json; its `compress_ratios` carries one extra trailing entry for the MTP layer."""
-    raw = json.loads((path / "config.json" if path.is_dir() else path).read_text())
-    ratios = raw.get("compress_ratios")
-    if ratios is not None and len(ratios) == raw.get("num_hidden_layers", len(ratios)) + 1:
-        raw["compress_ratios"] = ratios[:-1]
-    return Config.from_dict(raw)
-
-
 def _pct(x: float | None, digits: int = 1) -> str:
     return "" if x is None else f"{100 * x:.{digits}f} %"
 
@@ -471,8 +452,8 @@ def plot(models: dict[str, Model], path: str | Path, lo: int = 4 * KI, hi: int =
 
 
 def run_analyze(args: argparse.Namespace) -> int:
-    pro = load_release_config(args.pro_config) if getattr(args, "pro_config", None) else None
-    flash = load_release_config(args.flash_config) if getattr(args, "flash_config", None) else None
+    pro = Config.from_json(args.pro_config) if getattr(args, "pro_config", None) else None
+    flash = Config.from_json(args.flash_config) if getattr(args, "flash_config", None) else None
     models = default_models(pro=pro, flash=flash)
     contexts = list(args.contexts)
     result = analyse(models, contexts)

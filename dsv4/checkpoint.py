@@ -102,7 +102,11 @@ def _official_tensors(reader: _Reader, dtype: torch.dtype):
 
 def _hf_tensors(reader: _Reader):
     for key in sorted(reader.files):
-        yield from hf.from_hf_state_dict({key: reader.get(key)}).items()
+        t = reader.get(key)
+        try:
+            yield from hf.from_hf_state_dict({key: t}).items()
+        except KeyError:
+            yield key, t  # reported as unexpected
 
 
 def is_hf_layout(keys) -> bool:
@@ -118,10 +122,15 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32, device
     if config is None:
         config = Config.from_json(path)
     reader = _Reader(_tensor_files(path))
+    hf_layout = is_hf_layout(reader.files)
+    if hf_layout and config.num_nextn_predict_layers:
+        # transformers does not keep MTP weights: load the trunk, without MTP blocks.
+        n = config.num_hidden_layers
+        config = config.replace(num_nextn_predict_layers=0, compress_ratios=config.compress_ratios[:n])
     with torch.device("meta"):
         model = Transformer(config)
     expected = {k: v for k, v in model.state_dict().items()}
-    tensors = _hf_tensors(reader) if is_hf_layout(reader.files) else _official_tensors(reader, dtype)
+    tensors = _hf_tensors(reader) if hf_layout else _official_tensors(reader, dtype)
     loaded, unexpected, misshaped = {}, [], []
     for key, t in tensors:
         if key not in expected:

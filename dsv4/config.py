@@ -83,8 +83,13 @@ class Config:
 
     # ------------------------------------------------------------------ derived
     @property
+    def layer_ratios(self) -> list[int]:
+        """Compression ratio of each trunk layer (without the MTP blocks' entries)."""
+        return self.compress_ratios[:self.num_hidden_layers]
+
+    @property
     def layer_types(self) -> list[str]:
-        return [LAYER_TYPE_OF_RATIO[r] for r in self.compress_ratios[:self.num_hidden_layers]]
+        return [LAYER_TYPE_OF_RATIO[r] for r in self.layer_ratios]
 
     @property
     def nope_head_dim(self) -> int:
@@ -186,6 +191,8 @@ class Config:
             raw["eos_token_id"] = raw["eos_token_id"][0]
         # Keys of other tools (architectures, torch_dtype, transformers_version, ...) are ignored on purpose;
         # a misspelt *model* key would silently take its default, so we reject names close to ours.
+        for consumed in ("layer_types", "compress_rates", "mlp_layer_types", "partial_rotary_factor", "rope_parameters"):
+            raw.pop(consumed, None)
         unknown = [k for k in raw if k not in known]
         near = [k for k in unknown if _near_miss(k, known)]
         if near:

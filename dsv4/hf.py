@@ -62,27 +62,35 @@ def official_to_hf_key(key: str) -> str | None:
     return None
 
 
-def _hf_to_official_patterns():
-    out = []
-    for src, dst in _RENAMES:
-        # Invert "template with {i}" into a regex, and "regex with groups" into a template.
-        n_groups = re.compile(src).groups
-        rx = re.escape(dst)
-        for i in range(n_groups):
-            rx = rx.replace(re.escape("{%d}" % i), r"([A-Za-z0-9_]+)")
-        tmpl, k = "", 0
-        for piece in re.split(r"(\([^)]*\))", src):
-            if piece.startswith("("):
-                tmpl += "{%d}" % k
-                k += 1
-            else:
-                tmpl += piece.replace("\\.", ".")
-        out.append((re.compile(rx + "$"), tmpl))
-    return out
+# transformers-side names -> official names, applied in order to a key with its `model.` prefix removed.
+# Tolerant on purpose: `save_pretrained` runs transformers' conversion backwards only for keys that were
+# converted on load, so a saved file can mix both spellings (e.g. `self_attn.compressor.norm.weight`).
+_TO_OFFICIAL = [(re.compile(a), b) for a, b in [
+    (r"(^|\.)self_attn\.", r"\1attn."), (r"(^|\.)mlp\.", r"\1ffn."),
+    (r"attn\.compressor\.indexer\.scorer\.weights_proj\.", "attn.indexer.weights_proj."),
+    (r"attn\.compressor\.indexer\.q_b_proj\.", "attn.indexer.wq_b."),
+    (r"attn\.compressor\.indexer\.", "attn.indexer.compressor."),
+    (r"compressor\.kv_proj\.", "compressor.wkv."), (r"compressor\.gate_proj\.", "compressor.wgate."),
+    (r"compressor\.position_bias$", "compressor.ape"), (r"compressor\.kv_norm\.", "compressor.norm."),
+    (r"attn\.q_a_proj\.", "attn.wq_a."), (r"attn\.q_a_norm\.", "attn.q_norm."), (r"attn\.q_b_proj\.", "attn.wq_b."),
+    (r"attn\.kv_proj\.", "attn.wkv."), (r"attn\.o_a_proj\.", "attn.wo_a."), (r"attn\.o_b_proj\.", "attn.wo_b."),
+    (r"attn\.sinks$", "attn.attn_sink"), (r"attn\.norm\.weight$", "attn.kv_norm.weight"),
+    (r"\.input_layernorm\.", ".attn_norm."), (r"\.post_attention_layernorm\.", ".ffn_norm."),
+    (r"\.attn_hc\.(fn|base|scale)$", r".hc_attn_\1"), (r"\.ffn_hc\.(fn|base|scale)$", r".hc_ffn_\1"),
+    (r"ffn\.gate\.e_score_correction_bias$", "ffn.gate.bias"),
+    (r"shared_experts\.gate_proj\.", "shared_experts.w1."), (r"shared_experts\.down_proj\.", "shared_experts.w2."),
+    (r"shared_experts\.up_proj\.", "shared_experts.w3."),
+    (r"^embed_tokens\.weight$", "embed.weight"), (r"^lm_head\.weight$", "head.weight"),
+    (r"^hc_head\.hc_(fn|base|scale)$", r"hc_head_\1"),
+]]
+_HF_EXPERTS = re.compile(r"layers\.(\d+)\.ffn\.experts\.(gate_up_proj|down_proj)$")
 
 
-_INVERSE = _hf_to_official_patterns()
-_HF_EXPERTS = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
+def hf_to_official_key(key: str) -> str | None:
+    k = key.removeprefix("model.")
+    for pattern, replacement in _TO_OFFICIAL:
+        k = pattern.sub(replacement, k)
+    return k if official_to_hf_key(k) is not None or _EXPERT.match(k) or _HF_EXPERTS.match(k) else None
 
 
 def to_hf_state_dict(sd: dict[str, torch.Tensor], config: Config) -> dict[str, torch.Tensor]:
@@ -110,28 +118,23 @@ def to_hf_state_dict(sd: dict[str, torch.Tensor], config: Config) -> dict[str, t
 
 
 def from_hf_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """transformers-layout tensors -> official layout (experts unstacked)."""
+    """transformers-layout tensors (in-memory names or what `save_pretrained` writes) -> official layout."""
     out = {}
     for key, t in sd.items():
-        m = _HF_EXPERTS.match(key)
-        if m:
-            layer = m[1]
-            if m[2] == "gate_up_proj":
-                w1, w3 = t.chunk(2, dim=1)
-                for e in range(t.shape[0]):
-                    out[f"layers.{layer}.ffn.experts.{e}.w1.weight"] = w1[e]
-                    out[f"layers.{layer}.ffn.experts.{e}.w3.weight"] = w3[e]
-            else:
-                for e in range(t.shape[0]):
-                    out[f"layers.{layer}.ffn.experts.{e}.w2.weight"] = t[e]
-            continue
-        for pattern, template in _INVERSE:
-            mm = pattern.match(key)
-            if mm:
-                out[template.format(*mm.groups())] = t
-                break
-        else:
+        official = hf_to_official_key(key)
+        if official is None:
             raise KeyError(f"unknown transformers checkpoint key {key!r}")
+        m = _HF_EXPERTS.match(official)
+        if not m:
+            out[official] = t
+        elif m[2] == "gate_up_proj":  # (E, 2I, d): gate rows then up rows
+            w1, w3 = t.chunk(2, dim=1)
+            for e in range(t.shape[0]):
+                out[f"layers.{m[1]}.ffn.experts.{e}.w1.weight"] = w1[e]
+                out[f"layers.{m[1]}.ffn.experts.{e}.w3.weight"] = w3[e]
+        else:
+            for e in range(t.shape[0]):
+                out[f"layers.{m[1]}.ffn.experts.{e}.w2.weight"] = t[e]
     return out
 
 

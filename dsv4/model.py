@@ -11,43 +11,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .attention import Attention
-from .cache import KVCache, LayerCache
+from .block import Block
+from .cache import KVCache
 from .config import Config, yarn_inv_freq
 from .layers import Linear, RMSNorm
-from .mhc import hc_expand, hc_head_collapse, hc_maps, hc_collapse
-from .moe import MoE
+from .mhc import hc_head_collapse
 from .mtp import MTP
-
-
-class Block(nn.Module):
-    def __init__(self, config: Config, layer_id: int):
-        super().__init__()
-        self.config = config
-        self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.attn = Attention(config, layer_id)
-        self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.ffn = MoE(config, layer_id)
-        n, flat = config.hc_mult, config.hc_mult * config.hidden_size
-        for site in ("attn", "ffn"):  # mHC parameters of each sublayer, fp32 as released
-            self.register_parameter(f"hc_{site}_fn", nn.Parameter(torch.zeros((2 + n) * n, flat)))
-            self.register_parameter(f"hc_{site}_base", nn.Parameter(torch.zeros((2 + n) * n)))
-            self.register_parameter(f"hc_{site}_scale", nn.Parameter(torch.ones(3)))
-
-    def _maps(self, x: torch.Tensor, site: str):
-        c = self.config
-        return hc_maps(x, getattr(self, f"hc_{site}_fn"), getattr(self, f"hc_{site}_base"),
-                       getattr(self, f"hc_{site}_scale"), sinkhorn_iters=c.hc_sinkhorn_iters, hc_eps=c.hc_eps,
-                       norm_eps=c.rms_norm_eps)
-
-    def forward(self, x: torch.Tensor, input_ids: torch.Tensor | None, positions: torch.Tensor, cache: LayerCache,
-                inv_freq: torch.Tensor) -> torch.Tensor:
-        pre, post, comb = self._maps(x, "attn")
-        out = self.attn(self.attn_norm(hc_collapse(x, pre)), positions, cache, inv_freq)
-        x = hc_expand(x, out, post, comb)
-        pre, post, comb = self._maps(x, "ffn")
-        out = self.ffn(self.ffn_norm(hc_collapse(x, pre)), input_ids)
-        return hc_expand(x, out, post, comb)
 
 
 class Transformer(nn.Module):
@@ -75,7 +44,8 @@ class Transformer(nn.Module):
         Sliding-only layers use `rope_theta`; CSA / HCA layers, their compressed entries and the indexer
         use `compress_rope_theta` with YaRN (as transformers' V4 does)."""
         c, device = self.config, self.embed.weight.device
-        device = torch.device("cpu") if device.type == "meta" else device
+        if device.type == "meta":  # filled by the checkpoint loader, which calls this again
+            return
         self.inv_freq_main = yarn_inv_freq(c.qk_rope_head_dim, c.rope_theta, None).to(device)
         self.inv_freq_compress = yarn_inv_freq(c.qk_rope_head_dim, c.compress_rope_theta, c.rope_scaling).to(device)
 
@@ -129,7 +99,7 @@ class Transformer(nn.Module):
             start = cache.mtp_length[depth]
         S = next_ids.shape[1]
         positions = torch.arange(start, start + S, device=next_ids.device)
-        logits, _ = self.mtp[depth](hidden, self.embed(next_ids), next_ids, positions, cache.mtp[depth],
+        logits, _ = self.mtp[depth].predict(hidden, self.embed(next_ids), next_ids, positions, cache.mtp[depth],
                                     self.inv_freq_main, self.head)
         cache.mtp_length[depth] = start + S
         return logits

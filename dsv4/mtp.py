@@ -15,35 +15,35 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .block import Block
 from .cache import LayerCache
 from .config import Config
 from .layers import Linear, RMSNorm
 from .mhc import hc_head_collapse
 
 
-class MTP(nn.Module):
-    def __init__(self, config: Config, layer_id: int):
-        super().__init__()
-        from .model import Block  # the block class lives with the trunk
+class MTP(Block):
+    """An ordinary block (so its tensors sit directly under `mtp.<k>.` as in the release) plus the
+    embedding / hidden-state projections and its own stream merge and norm."""
 
+    def __init__(self, config: Config, layer_id: int):
+        super().__init__(config, layer_id)
         d, n = config.hidden_size, config.hc_mult
-        self.config = config
         self.enorm = RMSNorm(d, config.rms_norm_eps)
         self.hnorm = RMSNorm(d, config.rms_norm_eps)
         self.e_proj = Linear(d, d)
         self.h_proj = Linear(d, d)
-        self.block = Block(config, layer_id)
         self.norm = RMSNorm(d, config.rms_norm_eps)
         self.hc_head_fn = nn.Parameter(torch.zeros(n, n * d))
         self.hc_head_base = nn.Parameter(torch.zeros(n))
         self.hc_head_scale = nn.Parameter(torch.ones(1))
 
-    def forward(self, h: torch.Tensor, next_embed: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor,
+    def predict(self, h: torch.Tensor, next_embed: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor,
                 cache: LayerCache, inv_freq: torch.Tensor, head: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         """h: trunk streams (B, S, n_hc, d); next_embed: embeddings of the next tokens (B, S, d).
         -> (logits (B, S, vocab) fp32, this block's output streams for a further MTP depth)."""
         x = self.e_proj(self.enorm(next_embed)).unsqueeze(2) + self.h_proj(self.hnorm(h))
-        x = self.block(x, next_ids, positions, cache, inv_freq)
+        x = self(x, next_ids, positions, cache, inv_freq)
         c = self.config
         merged = hc_head_collapse(x, self.hc_head_fn, self.hc_head_base, self.hc_head_scale, hc_eps=c.hc_eps,
                                   norm_eps=c.rms_norm_eps)

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from dsv4 import analysis as A
-from dsv4.config import preset
+from dsv4.config import Config, preset
 
 M = A.MI  # "1M" context = 2**20 tokens
 
@@ -80,9 +80,9 @@ def test_monotone_in_context(models):
 
 
 def test_kv_terms_per_layer_type():
-    cfg = A.released_config("flash")
+    cfg = preset("flash")
     terms = A.v4_kv_terms(cfg, M)
-    n_csa, n_hca = cfg.compress_ratios.count(4), cfg.compress_ratios.count(128)
+    n_csa, n_hca = cfg.layer_ratios.count(4), cfg.layer_ratios.count(128)
     entry = A.v4_kv_format(cfg).bytes
     assert terms["compressed"] == (n_csa * M // 4 + n_hca * M // 128) * entry
     assert terms["indexer_keys"] == n_csa * (M // 4) * A.v4_indexer_key_format(cfg).bytes
@@ -92,11 +92,11 @@ def test_kv_terms_per_layer_type():
 def test_released_schedules_match_report():
     # §4.2.1: Flash = 2 pure sliding-window layers then CSA/HCA interleaved; Pro = 2 HCA layers then
     # interleaved; the released config.json files start the interleave with CSA.
-    flash, pro = A.released_config("flash"), A.released_config("pro")
-    assert flash.compress_ratios[:4] == [0, 0, 4, 128]
-    assert {r: flash.compress_ratios.count(r) for r in (0, 4, 128)} == {0: 2, 4: 21, 128: 20}
-    assert pro.compress_ratios[:4] == [128, 128, 4, 128]
-    assert {r: pro.compress_ratios.count(r) for r in (0, 4, 128)} == {0: 0, 4: 30, 128: 31}
+    flash, pro = preset("flash"), preset("pro")
+    assert flash.layer_ratios[:4] == [0, 0, 4, 128]
+    assert {r: flash.layer_ratios.count(r) for r in (0, 4, 128)} == {0: 2, 4: 21, 128: 20}
+    assert pro.layer_ratios[:4] == [128, 128, 4, 128]
+    assert {r: pro.layer_ratios.count(r) for r in (0, 4, 128)} == {0: 0, 4: 30, 128: 31}
 
 
 def test_activated_parameters_implied_by_linear_terms():
@@ -104,7 +104,7 @@ def test_activated_parameters_implied_by_linear_terms():
     # a cross-check of the per-layer terms against the report's 49B (Pro) and 13B (Flash). Our count
     # includes the indexer, compressors and routers, so Flash lands at 13.8B.
     for name, lo, hi in (("pro", 48.0e9, 50.5e9), ("flash", 12.5e9, 14.0e9)):
-        cfg = A.released_config(name)
+        cfg = preset(name)
         linear = sum(t.flops for t in A.v4_flops_terms(cfg, 0) if t.name != "mhc") / 2
         assert lo < linear + cfg.vocab_size * cfg.hidden_size < hi, name
 
@@ -151,7 +151,6 @@ def test_parse_context():
 
 def test_release_config_json_with_mtp_entry(tmp_path):
     # The official config.json lists one compress ratio per layer plus a trailing 0 for the MTP layer.
-    raw = {"num_hidden_layers": 43, "compress_ratios": A.released_compress_ratios("flash", 43) + [0]}
+    raw = {"num_hidden_layers": 43, "compress_ratios": [0, 0] + [4, 128] * 20 + [4, 0]}
     (tmp_path / "config.json").write_text(json.dumps(raw))
-    cfg = A.load_release_config(tmp_path)
-    assert cfg.compress_ratios == A.released_config("flash").compress_ratios
+    assert Config.from_json(tmp_path).layer_ratios == preset("flash").layer_ratios
