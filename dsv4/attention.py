@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .cache import LayerCache
+from .cache import AttnView, LayerCache
 from .compressor import Compressor, Indexer, visible_entries
 from .config import Config
 from .layers import Linear, RMSNorm, apply_rope, rms_normalize, rope_cos_sin
@@ -25,7 +25,7 @@ class Attention(nn.Module):
         c = config
         self.n_heads, self.head_dim, self.rope_dim = c.num_attention_heads, c.head_dim, c.qk_rope_head_dim
         self.window, self.ratio, self.eps = c.sliding_window, c.compress_ratios[layer_id], c.rms_norm_eps
-        self.n_groups = c.o_groups
+        self.n_groups, self.layer_id = c.o_groups, layer_id
         self.wq_a = Linear(c.hidden_size, c.q_lora_rank)
         self.q_norm = RMSNorm(c.q_lora_rank, c.rms_norm_eps)
         self.wq_b = Linear(c.q_lora_rank, self.n_heads * self.head_dim)
@@ -37,8 +37,18 @@ class Attention(nn.Module):
         self.compressor = Compressor(c, self.head_dim, self.ratio) if self.ratio else None
         self.indexer = Indexer(c) if self.ratio == 4 else None
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: LayerCache,
-                inv_freq: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, views: list[AttnView], inv_freq: torch.Tensor) -> torch.Tensor:
+        """x: (B, S, d) -> (B, S, d); each view attends only within itself (see `AttnView`)."""
+        if len(views) == 1 and views[0].rows == slice(None) and views[0].cols == slice(None):
+            v = views[0]
+            return self.attend(x, v.positions, v.cache.layer(self.layer_id), inv_freq)
+        out = torch.empty_like(x)
+        for v in views:
+            out[v.rows, v.cols] = self.attend(x[v.rows, v.cols], v.positions, v.cache.layer(self.layer_id), inv_freq)
+        return out
+
+    def attend(self, x: torch.Tensor, positions: torch.Tensor, cache: LayerCache,
+               inv_freq: torch.Tensor) -> torch.Tensor:
         """x: (B, S, d) at absolute `positions` (S,) following what `cache` holds -> (B, S, d)."""
         B, S, _ = x.shape
         cos, sin = rope_cos_sin(positions, inv_freq)  # (S, rd/2)

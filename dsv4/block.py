@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from .attention import Attention
-from .cache import LayerCache
+from .cache import AttnView
 from .config import Config
 from .layers import RMSNorm
 from .mhc import hc_collapse, hc_expand, hc_maps
@@ -33,10 +33,10 @@ class Block(nn.Module):
                        getattr(self, f"hc_{site}_scale"), sinkhorn_iters=c.hc_sinkhorn_iters, hc_eps=c.hc_eps,
                        norm_eps=c.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, input_ids: torch.Tensor | None, positions: torch.Tensor, cache: LayerCache,
+    def forward(self, x: torch.Tensor, input_ids: torch.Tensor | None, views: list[AttnView],
                 inv_freq: torch.Tensor) -> torch.Tensor:
         pre, post, comb = self._maps(x, "attn")
-        out = self.attn(self.attn_norm(hc_collapse(x, pre)), positions, cache, inv_freq)
+        out = self.attn(self.attn_norm(hc_collapse(x, pre)), views, inv_freq)
         x = hc_expand(x, out, post, comb)
         pre, post, comb = self._maps(x, "ffn")
         out = self.ffn(self.ffn_norm(hc_collapse(x, pre)), input_ids)

@@ -68,5 +68,23 @@ class KVCache:
         return cls(layers=[layer(r) for r in config.compress_ratios[:n]], mtp=[layer(0) for _ in range(k)],
                    mtp_length=[0] * k)
 
+    def layer(self, layer_id: int) -> LayerCache:
+        """Cache of trunk layer `layer_id`; ids past the trunk are the MTP blocks (as in the release)."""
+        n = len(self.layers)
+        return self.layers[layer_id] if layer_id < n else self.mtp[layer_id - n]
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for layer in self.layers + self.mtp for t in layer.tensors())
+
+
+@dataclass
+class AttnView:
+    """One independent attention stream inside a batch: rows x cols of the (B, S) tokens, their absolute
+    positions, and the cache they continue. A plain batch is one view; rows with their own caches
+    (batched decoding of different sequences) or packed documents (sample-level masking: each document
+    attends only within itself, RoPE positions and compression blocks restart at its first token) are
+    several. Attention is the only place where tokens meet, so views are all that masking needs."""
+    rows: slice
+    cols: slice
+    positions: torch.Tensor  # (cols,)
+    cache: KVCache

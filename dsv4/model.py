@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .block import Block
-from .cache import KVCache
+from .cache import AttnView, KVCache
 from .config import Config, yarn_inv_freq
 from .layers import Linear, RMSNorm
 from .mhc import hc_head_collapse
@@ -59,50 +59,71 @@ class Transformer(nn.Module):
     def new_cache(self) -> KVCache:
         return KVCache.empty(self.config)
 
-    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | list[KVCache] | None = None,
+                doc_ids: torch.Tensor | None = None,
                 return_hidden: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """input_ids (B, S) -> logits (B, S, vocab) in fp32.
 
-        With a cache the tokens continue the sequence it holds (and it is updated); without one the
-        tokens are a whole sequence starting at position 0. `return_hidden` also returns the final
-        hidden streams (B, S, n_hc, d) that the MTP module consumes.
+        cache: None (the tokens are whole sequences from position 0), one `KVCache` the whole batch
+        continues, or one per row (rows at different positions: batched decoding of many sequences).
+        doc_ids (B, S), without a cache: packed documents; a token attends only within its document,
+        whose positions restart at 0 (sample-level attention masking, §3.1).
+        `return_hidden` also returns the final streams (B, S, n_hc, d) that the MTP blocks consume.
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
-        if cache is None:
-            cache = self.new_cache()
-        start = cache.length
-        S = input_ids.shape[1]
-        if start + S > self.config.max_position_embeddings:
-            raise ValueError(f"sequence of {start + S} tokens exceeds max_position_embeddings="
-                             f"{self.config.max_position_embeddings}")
-        positions = torch.arange(start, start + S, device=input_ids.device)
+        views = self._views(input_ids, cache, doc_ids, lambda c: c.length)
         h = self.embed(input_ids)
         x = h.unsqueeze(2).expand(-1, -1, self.config.hc_mult, -1).contiguous()  # (B, S, n_hc, d)
-        for layer, layer_cache in zip(self.layers, cache.layers):
-            inv_freq = self.inv_freq_compress if layer.attn.ratio else self.inv_freq_main
-            x = layer(x, input_ids, positions, layer_cache, inv_freq)
-        cache.length = start + S
+        for layer in self.layers:
+            x = layer(x, input_ids, views, self.inv_freq_compress if layer.attn.ratio else self.inv_freq_main)
+        for v in views:
+            v.cache.length = int(v.positions[-1]) + 1
         logits = self.logits(x)
         return (logits, x) if return_hidden else logits
 
-    def mtp_logits(self, hidden: torch.Tensor, next_ids: torch.Tensor, cache: KVCache | None = None,
-                   depth: int = 0) -> torch.Tensor:
+    def mtp_logits(self, hidden: torch.Tensor, next_ids: torch.Tensor, cache: KVCache | list[KVCache] | None = None,
+                   doc_ids: torch.Tensor | None = None, depth: int = 0) -> torch.Tensor:
         """Logits of MTP block `depth` for the token after next.
 
         hidden: the trunk's final streams for positions p..p+S-1 (from `forward(..., return_hidden=True)`),
-        next_ids: the tokens at p+1..p+S. With a cache, its MTP state continues like the trunk's."""
-        if cache is None:
-            cache = self.new_cache()
-            start = 0
-        else:
-            start = cache.mtp_length[depth]
-        S = next_ids.shape[1]
-        positions = torch.arange(start, start + S, device=next_ids.device)
-        logits, _ = self.mtp[depth].predict(hidden, self.embed(next_ids), next_ids, positions, cache.mtp[depth],
-                                    self.inv_freq_main, self.head)
-        cache.mtp_length[depth] = start + S
+        next_ids: the tokens at p+1..p+S; cache / doc_ids as in `forward` (the MTP block keeps its own
+        window in the cache and continues like the trunk)."""
+        views = self._views(next_ids, cache, doc_ids, lambda c: c.mtp_length[depth])
+        logits, _ = self.mtp[depth].predict(hidden, self.embed(next_ids), next_ids, views, self.inv_freq_main,
+                                            self.head)
+        for v in views:
+            v.cache.mtp_length[depth] = int(v.positions[-1]) + 1
         return logits
+
+    def _views(self, ids: torch.Tensor, cache, doc_ids: torch.Tensor | None, length_of) -> list[AttnView]:
+        B, S = ids.shape
+        device, every = ids.device, slice(None)
+
+        def span(start: int, n: int) -> torch.Tensor:
+            if start + n > self.config.max_position_embeddings:
+                raise ValueError(f"sequence of {start + n} tokens exceeds max_position_embeddings="
+                                 f"{self.config.max_position_embeddings}")
+            return torch.arange(start, start + n, device=device)
+
+        if doc_ids is not None:
+            if cache is not None:
+                raise ValueError("doc_ids (packed training sequences) cannot be combined with a cache")
+            if doc_ids.shape != ids.shape:
+                raise ValueError(f"doc_ids shape {tuple(doc_ids.shape)} != input_ids shape {tuple(ids.shape)}")
+            views = []
+            for b in range(B):
+                starts = [0] + (torch.nonzero(doc_ids[b, 1:] != doc_ids[b, :-1]).flatten() + 1).tolist() + [S]
+                for s, e in zip(starts[:-1], starts[1:]):
+                    views.append(AttnView(slice(b, b + 1), slice(s, e), span(0, e - s), self.new_cache()))
+            return views
+        if cache is None:
+            return [AttnView(every, every, span(0, S), self.new_cache())]
+        if isinstance(cache, KVCache):
+            return [AttnView(every, every, span(length_of(cache), S), cache)]
+        if len(cache) != B:
+            raise ValueError(f"{len(cache)} caches for a batch of {B} rows")
+        return [AttnView(slice(b, b + 1), every, span(length_of(c), S), c) for b, c in enumerate(cache)]
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         c = self.config

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .block import Block
-from .cache import LayerCache
+from .cache import AttnView
 from .config import Config
 from .layers import Linear, RMSNorm
 from .mhc import hc_head_collapse
@@ -38,12 +38,12 @@ class MTP(Block):
         self.hc_head_base = nn.Parameter(torch.zeros(n))
         self.hc_head_scale = nn.Parameter(torch.ones(1))
 
-    def predict(self, h: torch.Tensor, next_embed: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor,
-                cache: LayerCache, inv_freq: torch.Tensor, head: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    def predict(self, h: torch.Tensor, next_embed: torch.Tensor, next_ids: torch.Tensor, views: list[AttnView],
+                inv_freq: torch.Tensor, head: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         """h: trunk streams (B, S, n_hc, d); next_embed: embeddings of the next tokens (B, S, d).
         -> (logits (B, S, vocab) fp32, this block's output streams for a further MTP depth)."""
         x = self.e_proj(self.enorm(next_embed)).unsqueeze(2) + self.h_proj(self.hnorm(h))
-        x = self(x, next_ids, positions, cache, inv_freq)
+        x = self(x, next_ids, views, inv_freq)
         c = self.config
         merged = hc_head_collapse(x, self.hc_head_fn, self.hc_head_base, self.hc_head_scale, hc_eps=c.hc_eps,
                                   norm_eps=c.rms_norm_eps)
