@@ -90,8 +90,11 @@ def sparse_attention(q: torch.Tensor, window_kv: torch.Tensor, positions: torch.
     L = window_kv.shape[1]
     key_pos = positions[-1] - (L - 1) + torch.arange(L, device=q.device)  # positions of window rows
     N = 0 if compressed is None else compressed.shape[1]
-    per_query = B * H * (window + (topk.shape[-1] if topk is not None else N))
-    chunk = max(1, logit_budget // max(1, per_query))
+    # A chunk of c queries scores c + window - 1 window rows and k (CSA) or N (HCA) entries per head.
+    extra = window + (topk.shape[-1] if topk is not None else N)
+    chunk = S
+    while chunk > 1 and B * H * chunk * (chunk + extra) > logit_budget:
+        chunk = (chunk + 1) // 2
     out = torch.empty_like(q)
     for s in range(0, S, chunk):
         e = min(S, s + chunk)

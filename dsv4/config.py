@@ -279,7 +279,7 @@ def _tiny() -> Config:
                   qk_rope_head_dim=8, q_lora_rank=32, o_groups=2, o_lora_rank=16, sliding_window=8,
                   compress_ratios=[128, 4, 128, 4], index_n_heads=2, index_head_dim=16, index_topk=3,
                   n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, num_hash_layers=1,
-                  max_position_embeddings=4096, compress_rope_theta=160000.0)
+                  max_position_embeddings=65536, compress_rope_theta=160000.0)
 
 
 def _small() -> Config:
