@@ -16,6 +16,7 @@ from torch import nn
 from .cache import AttnView, LayerCache
 from .compressor import Compressor, Indexer, visible_entries
 from .config import Config
+from .hooks import TrainStep
 from .layers import Linear, RMSNorm, apply_rope, rms_normalize, rope_cos_sin
 
 
@@ -37,18 +38,22 @@ class Attention(nn.Module):
         self.compressor = Compressor(c, self.head_dim, self.ratio) if self.ratio else None
         self.indexer = Indexer(c) if self.ratio == 4 else None
 
-    def forward(self, x: torch.Tensor, views: list[AttnView], inv_freq: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, views: list[AttnView], inv_freq: torch.Tensor,
+                step: TrainStep | None = None) -> torch.Tensor:
         """x: (B, S, d) -> (B, S, d); each view attends only within itself (see `AttnView`)."""
+        if step is not None and self.indexer is not None and step.indexer_loss:
+            step.indexer_kl[self.layer_id] = []  # (re)filled by `attend`, once per view
         if len(views) == 1 and views[0].rows == slice(None) and views[0].cols == slice(None):
             v = views[0]
-            return self.attend(x, v.positions, v.cache.layer(self.layer_id), inv_freq)
+            return self.attend(x, v.positions, v.cache.layer(self.layer_id), inv_freq, step)
         out = torch.empty_like(x)
         for v in views:
-            out[v.rows, v.cols] = self.attend(x[v.rows, v.cols], v.positions, v.cache.layer(self.layer_id), inv_freq)
+            out[v.rows, v.cols] = self.attend(x[v.rows, v.cols], v.positions, v.cache.layer(self.layer_id), inv_freq,
+                                              step)
         return out
 
     def attend(self, x: torch.Tensor, positions: torch.Tensor, cache: LayerCache,
-               inv_freq: torch.Tensor) -> torch.Tensor:
+               inv_freq: torch.Tensor, step: TrainStep | None = None) -> torch.Tensor:
         """x: (B, S, d) at absolute `positions` (S,) following what `cache` holds -> (B, S, d)."""
         B, S, _ = x.shape
         cos, sin = rope_cos_sin(positions, inv_freq)  # (S, rd/2)
@@ -62,8 +67,10 @@ class Attention(nn.Module):
         compressed = topk = None
         if self.compressor is not None:
             compressed = self.compressor(x, cache.compressor, inv_freq)
-            if self.indexer is not None:
+            if self.indexer is not None and step is None:
                 topk = self.indexer(x, q_latent, positions, cache.indexer, inv_freq)
+            elif self.indexer is not None:
+                topk = self.train_indexer(x, q, q_latent, compressed, positions, cache, inv_freq, step)
 
         o = sparse_attention(q, window_kv, positions, compressed, topk, self.ratio, self.attn_sink,
                              self.head_dim ** -0.5, self.window)
@@ -73,6 +80,33 @@ class Attention(nn.Module):
         wo_a = self.wo_a.weight.view(self.n_groups, -1, o.shape[-1]).to(o.dtype)  # (g, d_g, H*D/g)
         o = torch.einsum("bsgi,goi->bsgo", o, wo_a)
         return self.wo_b(o.flatten(2))
+
+
+    def train_indexer(self, x: torch.Tensor, q: torch.Tensor, q_latent: torch.Tensor, compressed: torch.Tensor,
+                      positions: torch.Tensor, cache: LayerCache, inv_freq: torch.Tensor,
+                      step: TrainStep) -> torch.Tensor | None:
+        """The indexer under training options. Returns its top-k (sparse) or None (dense: every finished
+        entry, as HCA). With `step.indexer_loss`, records KL(p || softmax(indexer scores)) per query, where p
+        is the dense attention distribution over the finished compressed entries, summed over heads and
+        renormalised (DeepSeek-V3.2 §2.1 warm-up; V4 §3), and a detached target."""
+        if step.detach_indexer:
+            x, q_latent = x.detach(), q_latent.detach()
+        out = self.indexer(x, q_latent, positions, cache.indexer, inv_freq, fp4=step.fp4_indexer,
+                           return_scores=step.indexer_loss)
+        topk = out[0] if step.indexer_loss else out
+        if step.indexer_loss and compressed.shape[1]:
+            scores = out[1]  # (B, S, N)
+            with torch.no_grad():
+                logits = torch.einsum("bshd,bnd->bshn", q, compressed).float() * self.head_dim ** -0.5
+                hidden = torch.arange(compressed.shape[1], device=x.device) >= visible_entries(positions, self.ratio)[:, None]
+                p = logits.masked_fill(hidden[None, :, None], float("-inf")).softmax(-1).nan_to_num(0.0).sum(2)
+                p = p / p.sum(-1, keepdim=True).clamp(min=1e-30)  # (B, S, N)
+                has = ~hidden.all(-1)  # queries with at least one finished entry
+            log_q = scores[:, has].log_softmax(-1).masked_fill(hidden[None, has], 0.0)
+            p_has = p[:, has]
+            kl = (p_has * (p_has.clamp(min=1e-30).log() - log_q)).sum()
+            step.indexer_kl[self.layer_id].append((kl, int(has.sum()) * x.shape[0]))
+        return None if step.attention == "dense" else topk
 
 
 def sparse_attention(q: torch.Tensor, window_kv: torch.Tensor, positions: torch.Tensor,

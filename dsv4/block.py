@@ -8,6 +8,7 @@ from torch import nn
 from .attention import Attention
 from .cache import AttnView
 from .config import Config
+from .hooks import TrainStep
 from .layers import RMSNorm
 from .mhc import hc_collapse, hc_expand, hc_maps
 from .moe import MoE
@@ -34,10 +35,10 @@ class Block(nn.Module):
                        norm_eps=c.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor | None, views: list[AttnView],
-                inv_freq: torch.Tensor) -> torch.Tensor:
+                inv_freq: torch.Tensor, step: TrainStep | None = None) -> torch.Tensor:
         pre, post, comb = self._maps(x, "attn")
-        out = self.attn(self.attn_norm(hc_collapse(x, pre)), views, inv_freq)
+        out = self.attn(self.attn_norm(hc_collapse(x, pre)), views, inv_freq, step)
         x = hc_expand(x, out, post, comb)
         pre, post, comb = self._maps(x, "ffn")
-        out = self.ffn(self.ffn_norm(hc_collapse(x, pre)), input_ids)
+        out = self.ffn(self.ffn_norm(hc_collapse(x, pre)), input_ids, step)
         return hc_expand(x, out, post, comb)

@@ -16,6 +16,7 @@ from torch import nn
 
 from .cache import CompressorState
 from .config import Config
+from .hooks import fake_quant_fp4
 from .layers import Linear, RMSNorm, apply_rope, rope_cos_sin
 
 
@@ -88,22 +89,30 @@ class Indexer(nn.Module):
         self.compressor = Compressor(config, self.head_dim, self.ratio)
 
     def forward(self, x: torch.Tensor, q_latent: torch.Tensor, positions: torch.Tensor, state: CompressorState,
-                inv_freq: torch.Tensor, score_budget: int = 1 << 25) -> torch.Tensor:
-        """-> indices (B, S, k') of the chosen entries, k' = min(topk, entries), -1 where none is left."""
+                inv_freq: torch.Tensor, score_budget: int = 1 << 25, fp4: bool = False,
+                return_scores: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """-> indices (B, S, k') of the chosen entries, k' = min(topk, entries), -1 where none is left.
+
+        Training options: `fp4` fake-quantises queries and keys to FP4 (the released indexer's QK path);
+        `return_scores` also returns every score (B, S, N), -inf where not yet visible, with gradients (for
+        the indexer's KL loss; built in one piece, so it costs S * N * heads floats)."""
         B, S, _ = x.shape
         keys = self.compressor(x, state, inv_freq)  # (B, N, Di)
         N = keys.shape[1]
         if N == 0:
-            return torch.full((B, S, 0), -1, dtype=torch.long, device=x.device)
+            none = torch.full((B, S, 0), -1, dtype=torch.long, device=x.device)
+            return (none, x.new_zeros(B, S, 0, dtype=torch.float32)) if return_scores else none
         q = self.wq_b(q_latent).unflatten(-1, (self.n_heads, self.head_dim))  # (B, S, Hi, Di)
         cos, sin = rope_cos_sin(positions, inv_freq)
         q = apply_rope(q, cos[:, None], sin[:, None])
+        if fp4:
+            q, keys = fake_quant_fp4(q), fake_quant_fp4(keys)
         head_w = self.weights_proj(x).float() * self.n_heads ** -0.5  # (B, S, Hi)
         visible = visible_entries(positions, self.ratio)  # (S,)
         k = min(self.topk, N)
         # Scores are (B, chunk, Hi, N) before the head sum: chunk the queries to bound memory.
-        chunk = max(1, score_budget // max(1, B * self.n_heads * N))
-        out = []
+        chunk = S if return_scores else max(1, score_budget // max(1, B * self.n_heads * N))
+        out, all_scores = [], []
         for s in range(0, S, chunk):
             e = min(S, s + chunk)
             scores = torch.einsum("bshd,bnd->bshn", q[:, s:e].float(), keys.float()).relu_()
@@ -112,6 +121,9 @@ class Indexer(nn.Module):
             scores = scores.masked_fill(future, float("-inf"))
             # Stable sort, not topk: equal scores (common, ReLU zeros) resolve to the lowest index, so the
             # choice does not depend on how many future entries exist, and cached decode == full forward.
-            idx = scores.sort(dim=-1, descending=True, stable=True).indices[..., :k]
+            idx = scores.detach().sort(dim=-1, descending=True, stable=True).indices[..., :k]
             out.append(torch.where(idx >= visible[s:e, None], -1, idx))
-        return torch.cat(out, dim=1)
+            if return_scores:
+                all_scores.append(scores)
+        indices = torch.cat(out, dim=1)
+        return (indices, torch.cat(all_scores, dim=1)) if return_scores else indices

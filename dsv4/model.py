@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .block import Block
 from .cache import AttnView, KVCache
 from .config import Config, yarn_inv_freq
+from .hooks import TrainStep
 from .layers import Linear, RMSNorm
 from .mhc import hc_head_collapse
 from .mtp import MTP
@@ -60,8 +62,8 @@ class Transformer(nn.Module):
         return KVCache.empty(self.config)
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache | list[KVCache] | None = None,
-                doc_ids: torch.Tensor | None = None,
-                return_hidden: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                doc_ids: torch.Tensor | None = None, return_hidden: bool = False,
+                step: TrainStep | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """input_ids (B, S) -> logits (B, S, vocab) in fp32.
 
         cache: None (the tokens are whole sequences from position 0), one `KVCache` the whole batch
@@ -69,6 +71,7 @@ class Transformer(nn.Module):
         doc_ids (B, S), without a cache: packed documents; a token attends only within its document,
         whose positions restart at 0 (sample-level attention masking, §3.1).
         `return_hidden` also returns the final streams (B, S, n_hc, d) that the MTP blocks consume.
+        `step`: training switches and measurements (`dsv4.hooks.TrainStep`); None for inference.
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
@@ -76,14 +79,20 @@ class Transformer(nn.Module):
         h = self.embed(input_ids)
         x = h.unsqueeze(2).expand(-1, -1, self.config.hc_mult, -1).contiguous()  # (B, S, n_hc, d)
         for layer in self.layers:
-            x = layer(x, input_ids, views, self.inv_freq_compress if layer.attn.ratio else self.inv_freq_main)
+            inv_freq = self.inv_freq_compress if layer.attn.ratio else self.inv_freq_main
+            if step is not None and step.checkpoint and torch.is_grad_enabled():
+                if cache is not None:
+                    raise ValueError("activation checkpointing is for training (no cache)")
+                x = checkpoint(_fresh_layer, layer, x, input_ids, views, inv_freq, step, use_reentrant=False)
+            else:
+                x = layer(x, input_ids, views, inv_freq, step)
         for v in views:
             v.cache.length = int(v.positions[-1]) + 1
         logits = self.logits(x)
         return (logits, x) if return_hidden else logits
 
     def mtp_logits(self, hidden: torch.Tensor, next_ids: torch.Tensor, cache: KVCache | list[KVCache] | None = None,
-                   doc_ids: torch.Tensor | None = None, depth: int = 0) -> torch.Tensor:
+                   doc_ids: torch.Tensor | None = None, depth: int = 0, step: TrainStep | None = None) -> torch.Tensor:
         """Logits of MTP block `depth` for the token after next.
 
         hidden: the trunk's final streams for positions p..p+S-1 (from `forward(..., return_hidden=True)`),
@@ -91,7 +100,7 @@ class Transformer(nn.Module):
         window in the cache and continues like the trunk)."""
         views = self._views(next_ids, cache, doc_ids, lambda c: c.mtp_length[depth])
         logits, _ = self.mtp[depth].predict(hidden, self.embed(next_ids), next_ids, views, self.inv_freq_main,
-                                            self.head)
+                                            self.head, step)
         for v in views:
             v.cache.mtp_length[depth] = int(v.positions[-1]) + 1
         return logits
@@ -130,6 +139,15 @@ class Transformer(nn.Module):
         h = hc_head_collapse(x, self.hc_head_fn, self.hc_head_base, self.hc_head_scale, hc_eps=c.hc_eps,
                              norm_eps=c.rms_norm_eps)
         return self.head(self.norm(h)).float()
+
+
+def _fresh_layer(layer: Block, x: torch.Tensor, input_ids: torch.Tensor, views: list[AttnView],
+                 inv_freq: torch.Tensor, step: TrainStep | None) -> torch.Tensor:
+    """One block on fresh per-view layer caches: activation checkpointing runs a block twice (forward and
+    recompute), and the second run must not see the state the first left in the cache."""
+    for v in views:
+        v.cache.layers[layer.attn.layer_id] = KVCache.empty(layer.config).layers[layer.attn.layer_id]
+    return layer(x, input_ids, views, inv_freq, step)
 
 
 def keeps_fp32(name: str) -> bool:

@@ -18,6 +18,7 @@ from torch import nn
 from .block import Block
 from .cache import AttnView
 from .config import Config
+from .hooks import TrainStep
 from .layers import Linear, RMSNorm
 from .mhc import hc_head_collapse
 
@@ -39,11 +40,12 @@ class MTP(Block):
         self.hc_head_scale = nn.Parameter(torch.ones(1))
 
     def predict(self, h: torch.Tensor, next_embed: torch.Tensor, next_ids: torch.Tensor, views: list[AttnView],
-                inv_freq: torch.Tensor, head: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+                inv_freq: torch.Tensor, head: nn.Module, step: TrainStep | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         """h: trunk streams (B, S, n_hc, d); next_embed: embeddings of the next tokens (B, S, d).
         -> (logits (B, S, vocab) fp32, this block's output streams for a further MTP depth)."""
         x = self.e_proj(self.enorm(next_embed)).unsqueeze(2) + self.h_proj(self.hnorm(h))
-        x = self(x, next_ids, views, inv_freq)
+        x = self(x, next_ids, views, inv_freq, step)
         c = self.config
         merged = hc_head_collapse(x, self.hc_head_fn, self.hc_head_base, self.hc_head_scale, hc_eps=c.hc_eps,
                                   norm_eps=c.rms_norm_eps)
