@@ -17,6 +17,9 @@ class SamplingParams:
     top_k: int = 0  # 0 = off
     max_new_tokens: int = 64
     seed: int | None = None
+    stop: tuple[str, ...] = ()  # stop strings: generation ends before them (needs a tokenizer; engine only)
+    stop_token_ids: tuple[int, ...] = ()  # generation ends after one of these (e.g. EOS)
+    logprobs: int | None = None  # None = off; k = the chosen token's log-probability and the k most likely
 
     def __post_init__(self):
         if self.temperature < 0:
@@ -27,6 +30,10 @@ class SamplingParams:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if self.max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            raise ValueError(f"logprobs must be between 0 and 20, got {self.logprobs}")
+        self.stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        self.stop_token_ids = tuple(int(t) for t in self.stop_token_ids)
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -45,6 +52,15 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         sorted_p = sorted_p.masked_fill(drop, 0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def token_logprobs(logits: torch.Tensor, tokens: list[int], k: int) -> list[tuple[float, list[tuple[int, float]]]]:
+    """logits (B, V), chosen tokens (B,) -> per row (log-probability of the token, k most likely
+    (id, log-probability)), from the model's distribution (before temperature / top-p / top-k)."""
+    lp = logits.float().log_softmax(dim=-1)
+    chosen = lp.gather(-1, torch.tensor(tokens, device=lp.device)[:, None]).squeeze(-1).tolist()
+    top_v, top_i = lp.topk(k, dim=-1) if k else (lp[:, :0], lp[:, :0].long())
+    return [(c, list(zip(i, v))) for c, i, v in zip(chosen, top_i.tolist(), top_v.tolist())]
 
 
 @torch.no_grad()
