@@ -1,0 +1,378 @@
+"""The training loop: one `Trainer` owns the model, optimizer, data loaders, recipe state and the run folder.
+
+Run folder (`out`):
+  metrics.jsonl                 one JSON object per step: step, loss, lr, tokens, seq_len, phase, ...
+  loss.png                      the loss curve (training loss, validation loss when measured)
+  checkpoints/step_NNNNNNN/     model.safetensors + config.json (loadable by `dsv4 generate`),
+                                train_config.json, train_state.pt (optimizer, data position, RNG, recipe
+                                state; one file per rank when data parallel). Each is written to a
+                                temporary folder and renamed into place; the last `keep_checkpoints` stay.
+Resuming restores all of it, so a resumed run computes exactly what the uninterrupted run computes
+(bitwise on CPU: every random choice is a function of the seed and the step).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from dsv4.checkpoint import save_checkpoint
+from dsv4.config import ConfigError
+from dsv4.errors import CheckpointError
+from dsv4.hooks import TrainStep
+from dsv4.model import Transformer
+from dsv4.optim import build_optimizer
+from dsv4.train.config import TrainConfig
+from dsv4.train.data import IGNORE_INDEX, DataLoader
+from dsv4.train.recipe import RouterHistory, SpikeDetector, forward_losses, update_router_bias
+
+# Train-config fields that must match a checkpoint to resume it: they fix the model, the data order and the
+# optimizer state's meaning. The others (steps, LR, intervals, ...) may change between runs.
+RESUME_MUST_MATCH = ("model", "model_overrides", "seed", "data_weights", "optimizer")
+
+
+class CheckpointMismatch(CheckpointError):
+    """A checkpoint was written for a different model or training setup."""
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, out: str | Path, device: str | torch.device = "cpu",
+                 dist=None, tokenizer=None, docs: dict | None = None, val_docs: dict | None = None):
+        """`dist`: a `dsv4.train.parallel.Parallel` (data/expert parallel) or None (one process).
+        `docs` / `val_docs`: {source: [token ids]} instead of the bundled corpus (tests)."""
+        from dsv4.tokenizer import load_tokenizer
+
+        self.config = cfg = config
+        self.out = Path(out)
+        self.device = torch.device(device)
+        self.dist = dist
+        self.rank, self.world = (dist.rank, dist.world) if dist is not None else (0, 1)
+        self.model_config = cfg.model_config()
+        torch.manual_seed(cfg.seed)
+        self.model = Transformer(self.model_config, seed=cfg.seed).to(self.device)
+        if dist is not None:
+            self.model = dist.parallelize(self.model)
+        self.optimizer = self._build_optimizer()
+        tok = tokenizer
+        if docs is None or val_docs is None:
+            from dsv4.train.data import tokenize_corpus
+
+            tok = tok or load_tokenizer()
+            docs = docs if docs is not None else tokenize_corpus("train", tokenizer=tok)
+            val_docs = val_docs if val_docs is not None else tokenize_corpus("val", tokenizer=tok)
+        bos, eos = (tok.bos_id, tok.eos_id) if tok is not None else (0, 1)
+        self.loader = DataLoader(docs, cfg.batch_size_at(0), cfg.seq_len_at(0), bos, eos, cfg.data_weights, cfg.seed)
+        self._val = (val_docs, bos, eos)
+        self.spikes = SpikeDetector(cfg.spike_ratio, cfg.spike_warmup, cfg.spike_ema, cfg.anticipatory_steps)
+        self.router_history = RouterHistory(cfg.anticipatory_delay)
+        self.step = 0
+        self.tokens = 0
+
+    def _build_optimizer(self):
+        cfg = self.config
+        if cfg.optimizer == "muon":
+            return build_optimizer(self.model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas),
+                                   muon_kw={"momentum": cfg.momentum})
+        from dsv4.optim import CombinedOptimizer, split_param_groups
+
+        groups = split_param_groups(self.model)
+        adamw = torch.optim.AdamW(
+            [{"params": [p for _, p in groups["muon"] + groups["adamw"]], "weight_decay": cfg.weight_decay},
+             {"params": [p for _, p in groups["adamw_no_decay"]], "weight_decay": 0.0}],
+            lr=cfg.lr, betas=tuple(cfg.betas))
+        return CombinedOptimizer({"adamw": adamw})
+
+    # ------------------------------------------------------------------ data
+    def _fold(self, t: torch.Tensor) -> torch.Tensor:
+        """Token ids folded into a model vocabulary smaller than the tokenizer's (tiny test models)."""
+        V = self.model_config.vocab_size
+        return torch.where(t >= 0, t % V, t)
+
+    def _local(self, batch: dict) -> dict:
+        """This rank's rows of the global batch, on the device, ids folded into the vocabulary."""
+        B = batch["input_ids"].shape[0]
+        if B % self.world:
+            raise ValueError(f"batch of {B} rows does not split over {self.world} ranks")
+        n = B // self.world
+        rows = slice(self.rank * n, (self.rank + 1) * n)
+        return {k: (self._fold(v[rows]) if k in ("input_ids", "labels") else v[rows]).to(self.device)
+                for k, v in batch.items()}
+
+    def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        return self.dist.all_reduce(t) if self.dist is not None else t
+
+    # ------------------------------------------------------------------ one step
+    def train_step(self) -> dict:
+        cfg, step = self.config, self.step
+        phase = cfg.phase_at(step)
+        self.loader.set_seq_len(cfg.seq_len_at(step))
+        self.loader.set_batch_size(cfg.batch_size_at(step))
+        lr = cfg.lr_at(step)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        self.router_history.push(self.model)
+        anticipatory = self.spikes.active(step)
+        ts = TrainStep(attention="sparse" if phase == "sparse" else "dense",
+                       indexer_loss=phase == "indexer_warmup" or (phase == "sparse" and cfg.indexer_loss_in_sparse),
+                       fp4_experts=cfg.fp4_experts, fp4_indexer=cfg.fp4_indexer,
+                       route_with=self.router_history.oldest() if anticipatory else None,
+                       checkpoint=cfg.activation_checkpointing)
+        batch = self._local(next(self.loader))
+        self.model.train()
+        autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if cfg.bf16 else nullcontext())
+        with autocast:
+            parts = forward_losses(self.model, batch["input_ids"], batch["labels"], batch["doc_ids"], ts)
+        # Counts over all ranks; gradients are averaged over ranks, hence the factor `world`.
+        counts = self._all_reduce(torch.tensor([parts.lm_count, parts.mtp_count, parts.balance_count,
+                                                parts.indexer_count], dtype=torch.float64)).tolist()
+        lm = parts.lm_sum / max(counts[0], 1)
+        mtp = parts.mtp_sum / max(counts[1], 1)
+        balance = parts.balance_sum / max(counts[2], 1)
+        indexer = parts.indexer_sum / max(counts[3], 1)
+        if phase == "indexer_warmup":  # backbone frozen: only the indexer's KL has gradients
+            loss = cfg.indexer_loss_weight * indexer
+        else:
+            loss = lm + cfg.mtp_weight * mtp + cfg.balance_weight * balance + cfg.indexer_loss_weight * indexer
+        self.optimizer.zero_grad(set_to_none=True)
+        (loss * self.world).backward()
+        grad_norm = (torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip) if cfg.grad_clip
+                     else torch.zeros(()))
+        self.optimizer.step()
+        imbalance = {}
+        if phase != "indexer_warmup":
+            load = {k: self._all_reduce(v.float()) for k, v in sorted(ts.expert_load.items())}
+            imbalance = update_router_bias(self.model, load, cfg.bias_update_speed)
+        reported = self._all_reduce(torch.stack([parts.lm_sum, parts.mtp_sum, parts.indexer_sum]).detach().double())
+        lm_v, mtp_v, idx_v = (reported / torch.tensor(counts[:2] + counts[3:]).clamp(min=1)).tolist()
+        spike = self.spikes.update(step, lm_v) if phase != "indexer_warmup" else False
+        global_tokens = batch["input_ids"].numel() * self.world
+        self.tokens += global_tokens
+        self.step += 1
+        gn = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        return {"step": step, "loss": lm_v, "mtp_loss": mtp_v, "indexer_kl": idx_v,
+                "balance": float(self._all_reduce(parts.balance_sum.detach().double()) / max(counts[2], 1)),
+                "lr": lr, "tokens": self.tokens, "batch_tokens": global_tokens, "seq_len": self.loader.seq_len,
+                "phase": phase, "anticipatory": anticipatory, "spike": spike, "grad_norm": gn,
+                "max_load": max(imbalance.values()) if imbalance else None}
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean next-token loss over `eval_batches` fixed validation batches at the current length."""
+        cfg = self.config
+        docs, bos, eos = self._val
+        loader = DataLoader(docs, cfg.batch_size_at(self.step) if self.world == 1 else self.world
+                            * max(1, cfg.batch_size_at(self.step) // self.world),
+                            cfg.seq_len_at(max(0, self.step - 1)), bos, eos, None, seed=1234)
+        phase = cfg.phase_at(max(0, self.step - 1))
+        self.model.eval()
+        total = torch.zeros(2, dtype=torch.float64)
+        for _ in range(cfg.eval_batches):
+            b = self._local(next(loader))
+            ts = TrainStep(attention="sparse" if phase == "sparse" else "dense",
+                           fp4_experts=cfg.fp4_experts, fp4_indexer=cfg.fp4_indexer)
+            parts = forward_losses(self.model, b["input_ids"], b["labels"], b["doc_ids"], ts, with_mtp=False)
+            total += torch.tensor([float(parts.lm_sum), parts.lm_count], dtype=torch.float64)
+        total = self._all_reduce(total)
+        self.model.train()
+        return float(total[0] / total[1].clamp(min=1))
+
+    # ------------------------------------------------------------------ run
+    def run(self, steps: int | None = None, progress: bool = True, on_step=None) -> list[dict]:
+        """Train up to step `steps` (default: config.steps), appending to metrics.jsonl and checkpointing."""
+        from tqdm import tqdm
+
+        cfg = self.config
+        total = steps if steps is not None else cfg.steps
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+        records = []
+        bar = tqdm(total=total, initial=self.step, desc="train", unit="step", disable=not progress or self.rank != 0,
+                   dynamic_ncols=True)
+        t0, tok0 = time.perf_counter(), self.tokens
+        while self.step < total:
+            rec = self.train_step()
+            if cfg.eval_every and self.step % cfg.eval_every == 0 or self.step == total:
+                rec["val_loss"] = self.evaluate()
+            records.append(rec)
+            if self.rank == 0:
+                with open(self.out / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+            if not math.isfinite(rec["loss"]):
+                bar.close()
+                raise FloatingPointError(f"loss is {rec['loss']} at step {rec['step']}; lower lr or check the data")
+            dt = time.perf_counter() - t0
+            bar.set_postfix_str(f"loss {rec['loss']:.3f} lr {rec['lr']:.1e} {rec['seq_len']}tok {rec['phase']}"
+                                f"{' AR' if rec['anticipatory'] else ''} {(self.tokens - tok0) / max(dt, 1e-9):,.0f} tok/s")
+            bar.update(1)
+            if on_step is not None:
+                on_step(rec)
+            if self.step % cfg.checkpoint_every == 0 or self.step == total:
+                self.save()
+        bar.close()
+        if self.rank == 0:
+            plot_losses(self.out / "metrics.jsonl", self.out / "loss.png")
+        return records
+
+    # ------------------------------------------------------------------ checkpoints
+    def checkpoint_dir(self) -> Path:
+        return self.out / "checkpoints"
+
+    def _full_state_dict(self) -> dict:
+        if self.dist is not None:
+            return self.dist.full_state_dict(self.model)
+        return self.model.state_dict()
+
+    def save(self) -> Path:
+        """Write checkpoints/step_N atomically (temporary folder + rename) and keep the last N."""
+        final = self.checkpoint_dir() / f"step_{self.step:07d}"
+        tmp = self.checkpoint_dir() / f".step_{self.step:07d}.tmp"
+        sd = self._full_state_dict()
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            _StateOnly(self.model_config, sd).save(tmp)
+            (tmp / "train_config.json").write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
+        self._barrier()
+        state = {"step": self.step, "tokens": self.tokens, "optimizer": self.optimizer.state_dict(),
+                 "loader": self.loader.state_dict(), "spikes": self.spikes.state_dict(),
+                 "router_history": self.router_history.state_dict(), "rng": torch.get_rng_state(),
+                 "world": self.world}
+        _atomic_torch_save(state, tmp / f"train_state{'' if self.world == 1 else f'_rank{self.rank}'}.pt")
+        self._barrier()
+        if self.rank == 0:
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            for old in sorted(self.checkpoint_dir().glob("step_*"))[:-self.config.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+            plot_losses(self.out / "metrics.jsonl", self.out / "loss.png")
+        self._barrier()
+        return final
+
+    def _barrier(self) -> None:
+        if self.dist is not None:
+            self.dist.barrier()
+
+    def latest_checkpoint(self) -> Path | None:
+        found = sorted(self.checkpoint_dir().glob("step_*"))
+        return found[-1] if found else None
+
+    def resume(self, path: str | Path | None = None) -> bool:
+        """Restore the latest (or the given) checkpoint; False when there is none."""
+        from safetensors.torch import load_file
+
+        path = Path(path) if path is not None else self.latest_checkpoint()
+        if path is None:
+            return False
+        self._check_matches(path)
+        state_file = path / f"train_state{'' if self.world == 1 else f'_rank{self.rank}'}.pt"
+        if not state_file.is_file():
+            raise CheckpointMismatch(f"{path} has no {state_file.name}: it was written by a run with a different "
+                                     f"number of processes (this run has {self.world}); resume with that many")
+        state = torch.load(state_file, map_location="cpu", weights_only=False)
+        sd = load_file(str(path / "model.safetensors"))
+        if self.dist is not None:
+            self.dist.load_full_state_dict(self.model, sd)
+        else:
+            missing, unexpected = self.model.load_state_dict(sd, strict=False)
+            if missing or unexpected:
+                raise CheckpointMismatch(f"{path}: {len(missing)} tensors missing {missing[:5]}, "
+                                         f"{len(unexpected)} unexpected {unexpected[:5]}")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.loader.load_state_dict(state["loader"])
+        self.spikes.load_state_dict(state["spikes"])
+        self.router_history.load_state_dict(state["router_history"], self.device)
+        torch.set_rng_state(state["rng"])
+        self.step, self.tokens = state["step"], state["tokens"]
+        if self.rank == 0:
+            _truncate_metrics(self.out / "metrics.jsonl", self.step)
+        return True
+
+    def _check_matches(self, path: Path) -> None:
+        try:
+            saved_model = json.loads((path / "config.json").read_text())
+            saved_train = json.loads((path / "train_config.json").read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise CheckpointMismatch(f"{path} is not a training checkpoint (config.json / train_config.json: {e})")
+        mine = self.model_config.to_dict()
+        diff = [f"{k}: checkpoint {saved_model.get(k)!r} != config {mine[k]!r}" for k in mine
+                if saved_model.get(k) != mine[k]]
+        diff += [f"{k}: checkpoint {saved_train.get(k)!r} != config {getattr(self.config, k)!r}"
+                 for k in RESUME_MUST_MATCH if saved_train.get(k) != getattr(self.config, k)]
+        if diff:
+            raise CheckpointMismatch(
+                f"cannot resume from {path}: the config does not match the checkpoint:\n  " + "\n  ".join(diff)
+                + "\nuse the checkpoint's train_config.json, or a new --out folder to start afresh")
+
+
+class _StateOnly:
+    """Adapter so `dsv4.checkpoint.save_checkpoint` writes a (gathered) state dict with its config."""
+
+    def __init__(self, config, sd: dict):
+        self.config, self._sd = config, sd
+
+    def state_dict(self) -> dict:
+        return self._sd
+
+    def save(self, path: Path) -> None:
+        save_checkpoint(self, path)
+
+
+def _atomic_torch_save(obj, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop records of steps >= `step` (written after the checkpoint a run resumes from)."""
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] < step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line]
+
+
+def plot_losses(metrics: Path, png: Path) -> Path | None:
+    """Training (and validation) loss against step and tokens -> PNG, written atomically."""
+    if not metrics.is_file():
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recs = read_metrics(metrics)
+    if not recs:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["step"] for r in recs], [r["loss"] for r in recs], lw=1, label="train (next token)")
+    if any(r.get("mtp_loss") for r in recs):
+        ax.plot([r["step"] for r in recs], [r["mtp_loss"] for r in recs], lw=0.8, alpha=0.6, label="train (MTP)")
+    val = [r for r in recs if "val_loss" in r]
+    if val:
+        ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation")
+    for s in sorted({r["step"] for r in recs if r.get("spike")}):
+        ax.axvline(s, color="red", lw=0.5, alpha=0.5)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats / token)")
+    ax.set_title(f"dsv4 training ({recs[-1]['tokens']:,} tokens)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = png.with_name(png.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, png)
+    return png
