@@ -16,6 +16,7 @@ from torch import nn
 from .cache import AttnView, LayerCache
 from .compressor import Compressor, Indexer, visible_entries
 from .config import Config
+from . import kernels
 from .hooks import TrainStep
 from .layers import Linear, RMSNorm, apply_rope, rms_normalize, rope_cos_sin
 
@@ -72,8 +73,8 @@ class Attention(nn.Module):
             elif self.indexer is not None:
                 topk = self.train_indexer(x, q, q_latent, compressed, positions, cache, inv_freq, step)
 
-        o = sparse_attention(q, window_kv, positions, compressed, topk, self.ratio, self.attn_sink,
-                             self.head_dim ** -0.5, self.window)
+        o = kernels.sparse_attention(q, window_kv, positions, compressed, topk, self.ratio, self.attn_sink,
+                                     self.head_dim ** -0.5, self.window, self.rope_dim)
         o = apply_rope(o, cos[:, None], -sin[:, None])  # undo the values' absolute rotation
         # Grouped output projection: (B, S, H*D) -> g groups -> (B, S, g, d_g) -> (B, S, d).
         o = o.reshape(B, S, self.n_groups, -1)

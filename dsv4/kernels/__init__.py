@@ -1,0 +1,99 @@
+"""Fused kernels behind one dispatch seam (STYLE 4): the model calls the functions here, never a kernel.
+
+Each op lives in its own file and exports the fast (Triton) path and the plain-PyTorch reference it is
+tested against. The backend is chosen per call:
+  reference   always the PyTorch reference
+  triton      always the Triton kernel (on CPU tensors this needs TRITON_INTERPRET=1: the interpreter)
+  auto        (default) Triton for CUDA tensors when triton imports, else the reference
+Set it for a process with the environment variable DSV4_KERNELS, or for a region with `use("reference")`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+
+import torch
+
+BACKENDS = ("auto", "reference", "triton")
+_backend: contextvars.ContextVar[str | None] = contextvars.ContextVar("dsv4_kernels", default=None)
+_kv_fp8: contextvars.ContextVar[bool | None] = contextvars.ContextVar("dsv4_kv_fp8", default=None)
+
+
+class KernelBackendError(RuntimeError):
+    pass
+
+
+def backend() -> str:
+    name = _backend.get() or os.environ.get("DSV4_KERNELS", "auto")
+    if name not in BACKENDS:
+        raise KernelBackendError(f"DSV4_KERNELS={name!r}; choose one of {BACKENDS}")
+    return name
+
+
+@contextlib.contextmanager
+def use(name: str):
+    """Force a backend inside a `with` block: `with kernels.use("reference"): model(ids)`."""
+    if name not in BACKENDS:
+        raise KernelBackendError(f"unknown kernel backend {name!r}; choose one of {BACKENDS}")
+    token = _backend.set(name)
+    try:
+        yield
+    finally:
+        _backend.reset(token)
+
+
+def kv_fp8() -> bool:
+    """Whether attention sees KV through the FP8 record (the official FP8 KV simulation; DSV4_KV_FP8=1)."""
+    flag = _kv_fp8.get()
+    return os.environ.get("DSV4_KV_FP8", "0") == "1" if flag is None else flag
+
+
+@contextlib.contextmanager
+def simulate_fp8_kv(enabled: bool = True):
+    """Round every window and compressed KV entry through the 584-byte FP8 record before attention."""
+    token = _kv_fp8.set(enabled)
+    try:
+        yield
+    finally:
+        _kv_fp8.reset(token)
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    name = backend()
+    if name == "reference":
+        return False
+    if name == "triton":
+        if not triton_available():
+            raise KernelBackendError("DSV4_KERNELS=triton but triton is not installed: pip install triton")
+        if t.device.type != "cuda" and not interpreting():
+            raise KernelBackendError("Triton on CPU tensors needs TRITON_INTERPRET=1 (the interpreter)")
+        return True
+    return t.device.type == "cuda" and triton_available()
+
+
+def sparse_attention(q, window_kv, positions, compressed, topk, ratio, sink, scale, window, rope_dim=64):
+    """V4 core attention (window + compressed entries + sink); signature of `dsv4.attention.sparse_attention`
+    plus the RoPE width (the FP8 record keeps those dims in BF16)."""
+    if kv_fp8():
+        from .fp8_kv import fake_quantize
+        window_kv = fake_quantize(window_kv, rope_dim)
+        compressed = None if compressed is None else fake_quantize(compressed, rope_dim)
+    if use_triton(q):
+        from .sparse_attn import sparse_attention_dense
+        return sparse_attention_dense(q, window_kv, positions, compressed, topk, ratio, sink, scale, window)
+    from ..attention import sparse_attention as reference
+    return reference(q, window_kv, positions, compressed, topk, ratio, sink, scale, window)
