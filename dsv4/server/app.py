@@ -18,7 +18,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -92,13 +92,13 @@ def create_app(engine, tokenizer, model_name: str, api_key: str | None = None, d
         log.exception("unhandled error")
         return _error(APIError(500, f"internal error: {type(e).__name__}: {e}", "internal_error"))
 
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1/"):
-            if request.headers.get("authorization", "") != f"Bearer {api_key}":
-                return _error(APIError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
-                                       "invalid_api_key"))
-        return await call_next(request)
+    def _authorize(request: Request) -> None:
+        # A dependency, not an HTTP middleware: BaseHTTPMiddleware wraps `receive` and would hide the
+        # client's disconnect from the handlers.
+        if api_key and request.headers.get("authorization", "") != f"Bearer {api_key}":
+            raise APIError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')", "invalid_api_key")
+
+    v1 = [Depends(_authorize)]
 
     def _check_model(name: str) -> None:
         if name != model_name:
@@ -110,7 +110,7 @@ def create_app(engine, tokenizer, model_name: str, api_key: str | None = None, d
     async def health():
         return {"status": "ok"}
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", dependencies=v1)
     async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": started,
                                             "owned_by": "dsv4", "max_model_len": engine.max_context}]}
@@ -132,14 +132,18 @@ def create_app(engine, tokenizer, model_name: str, api_key: str | None = None, d
 
     async def _collect(request: Request, handle, q) -> list[Event]:
         """All events of a non-streaming request; cancels it if the client goes away meanwhile."""
-        events = []
+        events, checked = [], time.monotonic()
         while True:
             try:
                 ev = await asyncio.wait_for(q.get(), timeout=0.25)
             except asyncio.TimeoutError:
+                ev = None
+            if ev is None or time.monotonic() - checked > 0.25:  # tokens may keep coming: look anyway
+                checked = time.monotonic()
                 if await request.is_disconnected():
                     handle.cancel()
                     raise APIError(499, "client disconnected", "client_closed")
+            if ev is None:
                 continue
             events.append(ev)
             if ev.finished:
@@ -188,7 +192,7 @@ def create_app(engine, tokenizer, model_name: str, api_key: str | None = None, d
         return out
 
     # ------------------------------------------------------------------ /v1/chat/completions
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", dependencies=v1)
     async def chat(req: ChatCompletionRequest, request: Request):
         _check_model(req.model)
         mode, effort = _reasoning_mode(req, default_thinking)
@@ -301,7 +305,7 @@ def create_app(engine, tokenizer, model_name: str, api_key: str | None = None, d
                 "choices": [choice_out], "usage": _usage(last)}
 
     # ------------------------------------------------------------------ /v1/completions
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", dependencies=v1)
     async def completions(req: CompletionRequest, request: Request):
         _check_model(req.model)
         if isinstance(req.prompt, str):
