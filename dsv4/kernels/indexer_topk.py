@@ -42,7 +42,7 @@ def reference(q: torch.Tensor, head_w: torch.Tensor, keys: torch.Tensor, positio
 def _score_keys_kernel(Q, sqb, sqs, sqh, W, swb, sws, K, skb, skn, POS, OUT, sob, sos,
                        S, N, HI, ratio, score_scale,
                        DI: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_HI: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_DI: tl.constexpr):
+                       BLOCK_DI: tl.constexpr, PREC: tl.constexpr):
     pq = tl.program_id(0)
     pn = tl.program_id(1)
     b = tl.program_id(2)
@@ -62,7 +62,7 @@ def _score_keys_kernel(Q, sqb, sqs, sqh, W, swb, sws, K, skb, skn, POS, OUT, sob
         q = tl.reshape(q, (BLOCK_Q * BLOCK_HI, BLOCK_DI))
         k = tl.load(K + b * skb + j[:, None] * skn + d[None, :], mask=(j < N)[:, None] & (d < DI)[None, :],
                     other=0.0).to(q.dtype)
-        s = tl.maximum(tl.dot(q, tl.trans(k)), 0.0)  # (BQ*BH, BN): ReLU(q_h . K_s)
+        s = tl.maximum(tl.dot(q, tl.trans(k), input_precision=PREC), 0.0)  # (BQ*BH, BN): ReLU(q_h . K_s)
         s = tl.reshape(s, (BLOCK_Q, BLOCK_HI, BLOCK_N))
         w = tl.load(W + b * swb + qi[:, None] * sws + h[None, :], mask=qm[:, None] & hm[None, :], other=0.0)
         score = tl.sum(s * w[:, :, None], axis=1) * score_scale
@@ -102,7 +102,8 @@ def indexer_topk(q: torch.Tensor, head_w: torch.Tensor, keys: torch.Tensor, posi
         _score_keys_kernel[grid](qc, qc.stride(0), qc.stride(1), qc.stride(2), wc, wc.stride(0), wc.stride(1),
                                  keys, keys.stride(0), keys.stride(1), pos[s:e], buf, buf.stride(0), buf.stride(1),
                                  c, N, Hi, ratio, Di ** -0.5, DI=Di, BLOCK_Q=BLOCK_Q, BLOCK_HI=BLOCK_HI,
-                                 BLOCK_N=block_n, BLOCK_DI=BLOCK_DI, num_warps=4)
+                                 BLOCK_N=block_n, BLOCK_DI=BLOCK_DI,
+                                 PREC="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4)
         top = buf[:, :c].topk(k, dim=-1, sorted=True).values
         idx = (N - 1) - (top & 0xFFFFFFFF)
         out[:, s:e] = torch.where(idx >= visible[s:e, None], -1, idx)

@@ -16,6 +16,7 @@ The reference is `dsv4.attention.sparse_attention`.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -57,9 +58,12 @@ class KVSource:
 
 
 @triton.jit
-def _row_of(T, st, BS, b, li, valid):
+def _row_of(T, st, BS, b, li, valid, ZERO):
+    # ZERO (a runtime 0 the compiler may not specialise on) hides the arange-derived divisibility of the
+    # row index: rows of 584-byte records are only 8-byte aligned, and vectorised loads that assumed
+    # 16-byte alignment faulted (misaligned address) on the H100.
     blk = tl.load(T + b * st + li // BS, mask=valid, other=0)
-    return blk.to(tl.int64) * BS + li % BS
+    return blk.to(tl.int64) * BS + li % BS + ZERO
 
 
 @triton.jit
@@ -80,14 +84,14 @@ def _load_rows(X, XR, XS, s0, sr, ss, rows, valid, d, D: tl.constexpr, NOPE: tl.
 
 
 @triton.jit
-def _online_softmax(q, k, valid, m_i, l_i, acc, qk_scale):
-    logits = tl.dot(q, tl.trans(k)).to(tl.float32) * qk_scale  # (BH, BN), base-2 units
+def _online_softmax(q, k, valid, m_i, l_i, acc, qk_scale, PREC: tl.constexpr):
+    logits = tl.dot(q, tl.trans(k), input_precision=PREC).to(tl.float32) * qk_scale  # (BH, BN), base-2 units
     logits = tl.where(valid[None, :], logits, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(logits, 1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(logits - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(k.dtype), k).to(tl.float32)
+    acc = acc * alpha[:, None] + tl.dot(p.to(k.dtype), k, input_precision=PREC).to(tl.float32)
     return m_new, l_i, acc
 
 
@@ -105,8 +109,8 @@ def _derotate(o, pos, INV_FREQ, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, D:
     return tl.reshape(tl.join(a0 * c + a1 * s, a1 * c - a0 * s), (BLOCK_H, BLOCK_D))
 
 
-@triton.jit
-def _attn_kernel(Q, sqb, sqs, sqh, POS, spb,
+@triton.jit(do_not_specialize=["ZERO"])
+def _attn_kernel(ZERO, Q, sqb, sqs, sqh, POS, spb,
                  W, WR, WS, sw0, swr, sws, WT, swt, WBS, WPOS0, WLO,
                  C, CR, CS, sc0, scr, scs, CT, sct, CBS, NC,
                  TOPK, stb, sts, K,
@@ -114,7 +118,7 @@ def _attn_kernel(Q, sqb, sqs, sqh, POS, spb,
                  S, H, qk_scale, window, ratio, CPS,
                  D: tl.constexpr, NOPE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
                  BLOCK_N: tl.constexpr, W_FP8: tl.constexpr, C_FP8: tl.constexpr, W_RING: tl.constexpr,
-                 MODE: tl.constexpr, SPLIT: tl.constexpr, DEROTATE: tl.constexpr):
+                 MODE: tl.constexpr, SPLIT: tl.constexpr, DEROTATE: tl.constexpr, PREC: tl.constexpr):
     row = tl.program_id(0)
     hb = tl.program_id(1)
     split = tl.program_id(2)
@@ -144,9 +148,9 @@ def _attn_kernel(Q, sqb, sqs, sqh, POS, spb,
             li = t % W_RING
         else:
             li = t - pos0
-        rows = _row_of(WT, swt, WBS, b, li, valid)
+        rows = _row_of(WT, swt, WBS, b, li, valid, ZERO)
         k = _load_rows(W, WR, WS, sw0, swr, sws, rows, valid, d, D, NOPE, W_FP8, dtype)
-        m_i, l_i, acc = _online_softmax(q, k, valid, m_i, l_i, acc, qk_scale)
+        m_i, l_i, acc = _online_softmax(q, k, valid, m_i, l_i, acc, qk_scale, PREC)
 
     # Compressed entries: this split's share [start, end) of the query's key list.
     nc = tl.load(NC + b)
@@ -167,9 +171,9 @@ def _attn_kernel(Q, sqb, sqs, sqh, POS, spb,
             li = tl.maximum(li, 0)
         else:
             li = j
-        rows = _row_of(CT, sct, CBS, b, li, valid)
+        rows = _row_of(CT, sct, CBS, b, li, valid, ZERO)
         k = _load_rows(C, CR, CS, sc0, scr, scs, rows, valid, d, D, NOPE, C_FP8, dtype)
-        m_i, l_i, acc = _online_softmax(q, k, valid, m_i, l_i, acc, qk_scale)
+        m_i, l_i, acc = _online_softmax(q, k, valid, m_i, l_i, acc, qk_scale, PREC)
 
     if SPLIT:
         base = (row * NSPLIT + split) * H
@@ -212,6 +216,7 @@ def _combine_kernel(PO, PM, PL, POS, spb, INV_FREQ, O, sob, sos, soh, NSPLIT, S,
              mask=hm[:, None] & (d < D)[None, :])
 
 
+@functools.lru_cache(maxsize=None)
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -260,7 +265,7 @@ def attend(q: torch.Tensor, positions: torch.Tensor, sink: torch.Tensor, scale: 
     inv = derotate_inv_freq if derotate_inv_freq is not None else sink
     nope = D - rope_dim if (derotate_inv_freq is not None or win.fp8 or comp.fp8) else D
     _attn_kernel[(rows, hblocks, n_split)](
-        q, q.stride(0), q.stride(1), q.stride(2), positions, positions.stride(0),
+        0, q, q.stride(0), q.stride(1), q.stride(2), positions, positions.stride(0),
         *win.args(), win_pos0, win_lo,
         *comp.args(), n_comp,
         tk, tk.stride(0), tk.stride(1) if tk.dim() > 2 else 0, topk.shape[-1] if topk is not None else 0,
@@ -268,6 +273,7 @@ def attend(q: torch.Tensor, positions: torch.Tensor, sink: torch.Tensor, scale: 
         S, H, scale * LOG2E, window, ratio, cps,
         D=D, NOPE=nope, BLOCK_D=BLOCK_D, BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N, W_FP8=win.fp8, C_FP8=comp.fp8,
         W_RING=win_ring, MODE=mode, SPLIT=split, DEROTATE=derotate_inv_freq is not None and not split,
+        PREC="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 models get fp32 products, not tf32
         num_warps=num_warps, num_stages=num_stages)
     if split:
         _combine_kernel[(rows, hblocks)](

@@ -1,0 +1,237 @@
+"""Per-layer V4 attention (Flash dims: 64 heads, head dim 512, MQA, top-k 512, window 128) vs dense GQA-8
+(64 q heads, 8 KV heads, head dim 128, torch SDPA flash backend) on one GPU. One JSON line per case.
+
+Timed pieces (random inputs of the right shapes; the projections are the same dense matmuls for every
+variant and are left out):
+  decode   gqa8: SDPA over a bf16 K/V cache of ctx tokens; csa: indexer scores + exact top-k over ctx/4
+           keys, then attention over 512 picked + 128 window FP8 records from the paged pool; hca:
+           attention over ctx/128 FP8 records + window (split-K + merge kernels)
+  prefill  gqa8: causal SDPA over ctx tokens; csa / hca: the same kernels over all ctx queries in chunks
+Usage: python benchmarks/attention.py [--ctx 8K,32K,...] [--prefill-max 128K] [--csa-prefill-1m]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from dsv4.analysis import parse_context
+from dsv4.config import preset
+from dsv4.kernels import fp8_kv
+from dsv4.kernels.indexer_topk import indexer_topk
+from dsv4.kernels.sparse_attn import KVSource, attend, sparse_attention_dense
+
+H100_PEAK = {"bf16_tflops": 989.0, "hbm_gbps": 3350.0}  # SXM5 dense datasheet figures
+H, D, RD, TOPK, WIN, HI, DI = 64, 512, 64, 512, 128, 64, 128
+GQA_HQ, GQA_HK, GQA_D = 64, 8, 128
+DEV = "cuda"
+
+
+def emit(**rec):
+    if "ms" in rec and rec.get("bytes"):
+        rec["gbps"] = rec["bytes"] / rec["ms"] / 1e6
+        rec["hbm_util"] = rec["gbps"] / H100_PEAK["hbm_gbps"]
+    if "ms" in rec and rec.get("flops"):
+        rec["tflops"] = rec["flops"] / rec["ms"] / 1e9
+        rec["tc_util"] = rec["tflops"] / H100_PEAK["bf16_tflops"]
+    print(json.dumps(rec), flush=True)
+
+
+def bench(fn, ms=200):
+    return triton.testing.do_bench(fn, warmup=25, rep=ms, return_mode="median")
+
+
+def bench_graph(fn, reps=50):
+    """Decode steps are launch-bound in eager mode: time CUDA-graph replays (as a serving engine runs them)."""
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(reps):
+            fn()
+    return triton.testing.do_bench(g.replay, warmup=5, rep=200, return_mode="median") / reps
+
+
+def fp8_pool(n: int, block: int = 64):
+    """n random 584-byte records in a paged pool with a shuffled block table for one sequence."""
+    n_blocks = max(1, math.ceil(n / block))
+    x = torch.randn(n_blocks * block, D, device=DEV, dtype=torch.bfloat16)
+    rec = fp8_kv.pack(*fp8_kv.quantize(x, RD))
+    nope, rope, scale = fp8_kv.views(rec, D, RD)
+    table = torch.randperm(n_blocks, device=DEV, dtype=torch.int32)[None]
+    return KVSource(main=nope, rope=rope, scale=scale, table=table, block_size=block)
+
+
+def gqa_decode(ctx):
+    q = torch.randn(1, GQA_HQ, 1, GQA_D, device=DEV, dtype=torch.bfloat16)
+    k = torch.randn(1, GQA_HK, ctx, GQA_D, device=DEV, dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
+        ms = bench_graph(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
+    emit(case="gqa8_decode", ctx=ctx, ms=ms, bytes=2 * k.numel() * 2, flops=4 * GQA_HQ * GQA_D * ctx,
+         kv_bytes_per_token_layer=2 * GQA_HK * GQA_D * 2)
+    del k, v
+    return ms
+
+
+def v4_decode(ctx, batch=1):
+    q = torch.randn(batch, 1, H, D, device=DEV, dtype=torch.bfloat16)
+    sink = torch.randn(H, device=DEV)
+    pos = torch.full((batch, 1), ctx - 1, device=DEV, dtype=torch.int32)
+    zeros = torch.zeros(batch, dtype=torch.int32, device=DEV)
+    win = fp8_pool(WIN)
+    win.table = win.table.expand(batch, -1).contiguous()
+    out = {}
+    for ratio in (4, 128):
+        n = ctx // ratio
+        comp = fp8_pool(n)
+        comp.table = comp.table.expand(batch, -1).contiguous()
+        n_comp = torch.full((batch,), n, device=DEV, dtype=torch.int32)
+        topk = None
+        if ratio == 4:
+            topk = torch.stack([torch.randperm(n, device=DEV)[:TOPK] for _ in range(batch)])[:, None].int()
+        fn = lambda: attend(q, pos, sink, D ** -0.5, WIN, win, zeros, zeros, win_ring=WIN, comp=comp, n_comp=n_comp,
+                            max_comp=n, topk=topk, ratio=ratio, rope_dim=RD)
+        ms = bench_graph(fn)
+        keys = WIN + (TOPK if ratio == 4 else n)
+        name = "csa" if ratio == 4 else "hca"
+        emit(case=f"{name}_decode_attn", ctx=ctx, batch=batch, ms=ms, bytes=batch * keys * 584,
+             flops=batch * 4 * H * D * keys)
+        out[name] = ms
+        if ratio == 4:  # indexer: scores over every finished key + exact top-k
+            iq = torch.randn(batch, 1, HI, DI, device=DEV, dtype=torch.bfloat16)
+            w = torch.randn(batch, 1, HI, device=DEV)
+            ik = torch.randn(batch, n, DI, device=DEV, dtype=torch.bfloat16)
+            p1 = torch.tensor([ctx - 1], device=DEV)
+            ms_i = bench_graph(lambda: indexer_topk(iq, w, ik, p1, 4, TOPK))
+            emit(case="csa_decode_indexer", ctx=ctx, batch=batch, ms=ms_i, bytes=batch * n * (DI * 2 + 16),
+                 flops=batch * 2 * HI * DI * n)
+            out["csa_indexer"] = ms_i
+        del comp
+    return out
+
+
+def gqa_prefill(ctx):
+    q = torch.randn(1, GQA_HQ, ctx, GQA_D, device=DEV, dtype=torch.bfloat16)
+    k = torch.randn(1, GQA_HK, ctx, GQA_D, device=DEV, dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
+        ms = bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True), ms=500)
+    emit(case="gqa8_prefill", ctx=ctx, ms=ms, flops=4 * GQA_HQ * GQA_D * ctx * ctx / 2)
+    return ms
+
+
+def v4_prefill(ctx, ratio, chunk=8192, with_indexer=True, reps=True):
+    """All ctx queries in chunks of `chunk` (chunked prefill): per chunk the indexer (CSA) over every
+    finished key so far and the attention kernel over window + (top-k | all visible) compressed."""
+    n = ctx // ratio
+    comp = torch.randn(1, n, D, device=DEV, dtype=torch.bfloat16)
+    ik = torch.randn(1, n, DI, device=DEV, dtype=torch.bfloat16) if ratio == 4 else None
+    sink = torch.randn(H, device=DEV)
+    qs = torch.randn(1, chunk, H, D, device=DEV, dtype=torch.bfloat16)
+    kv = torch.randn(1, chunk + WIN - 1, D, device=DEV, dtype=torch.bfloat16)
+    iq = torch.randn(1, chunk, HI, DI, device=DEV, dtype=torch.bfloat16)
+    w = torch.randn(1, chunk, HI, device=DEV)
+    t_attn = t_idx = 0.0
+    ev = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
+    for s in range(0, ctx, chunk):
+        e = min(ctx, s + chunk)
+        c = e - s
+        pos = torch.arange(s, e, device=DEV)
+        ev[0].record()
+        topk = None
+        if ratio == 4:
+            nvis = e // 4
+            topk = indexer_topk(iq[:, :c], w[:, :c], ik[:, :nvis], pos, 4, TOPK) if nvis else None
+        ev[1].record()
+        L = c + min(s, WIN - 1)
+        sparse_attention_dense(qs[:, :c], kv[:, -L:], pos, comp[:, :e // ratio] if e // ratio else None,
+                               topk if ratio == 4 else None, ratio, sink, D ** -0.5, WIN)
+        ev[2].record()
+        torch.cuda.synchronize()
+        t_idx += ev[0].elapsed_time(ev[1])
+        t_attn += ev[1].elapsed_time(ev[2])
+    keys = (WIN + TOPK) * ctx if ratio == 4 else WIN * ctx + ctx * ctx // (2 * ratio)
+    name = "csa" if ratio == 4 else "hca"
+    emit(case=f"{name}_prefill_attn", ctx=ctx, ms=t_attn, flops=4 * H * D * keys, chunk=chunk)
+    if ratio == 4:
+        emit(case="csa_prefill_indexer", ctx=ctx, ms=t_idx, flops=2 * HI * DI * ctx * (ctx // 4) / 2, chunk=chunk)
+    emit(case=f"{name}_prefill_total", ctx=ctx, ms=t_attn + t_idx, chunk=chunk)
+    return t_attn + t_idx
+
+
+def tune(ctx=32768, c=8192):
+    n = ctx // 4
+    q = torch.randn(1, c, H, D, device=DEV, dtype=torch.bfloat16)
+    kv = torch.randn(1, c + WIN - 1, D, device=DEV, dtype=torch.bfloat16)
+    comp = torch.randn(1, n, D, device=DEV, dtype=torch.bfloat16)
+    pos = torch.arange(ctx - c, ctx, device=DEV)
+    topk = torch.randint(0, n // 2, (1, c, TOPK), device=DEV, dtype=torch.int32)
+    sink = torch.randn(H, device=DEV)
+    for bh, bn, nw, ns in [(32, 32, 8, 2), (64, 32, 8, 2), (16, 32, 4, 2), (32, 64, 8, 2), (64, 64, 8, 1), (32, 32, 4, 3)]:
+        try:
+            ms = bench(lambda: sparse_attention_dense(q, kv, pos, comp, topk, 4, sink, D ** -0.5, WIN, block_h=bh,
+                                                      block_n=bn, num_warps=nw, num_stages=ns))
+            emit(case="tune_csa_prefill_attn", block_h=bh, block_n=bn, warps=nw, stages=ns, ms=ms,
+                 flops=4 * H * D * (WIN + TOPK) * c)
+        except Exception as e:  # out of shared memory / registers for this tile
+            emit(case="tune_csa_prefill_attn", block_h=bh, block_n=bn, warps=nw, stages=ns, error=str(e)[:120])
+
+
+def kv_bytes_summary():
+    """KV bytes per token per layer, averaged over Flash's layer mix, vs BF16 GQA-8 (2 x 8 x 128 x 2 B)."""
+    flash = preset("flash")
+    entry, ikey = 584, 68
+    per_layer = [((entry + ikey) / 4 if r == 4 else entry / 128 if r == 128 else 0.0) for r in flash.layer_ratios]
+    avg = sum(per_layer) / len(per_layer)
+    gqa = 2 * GQA_HK * GQA_D * 2
+    emit(case="kv_bytes_per_token_layer", v4_flash_avg=avg, csa=(entry + ikey) / 4, hca=entry / 128, gqa8=gqa,
+         ratio=avg / gqa, note="compressed entries + FP4 indexer keys; window ring (128 x 584 B / layer) is constant")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ctx", default="8K,32K,128K,512K,1M")
+    ap.add_argument("--prefill-max", default="128K")
+    ap.add_argument("--csa-prefill-1m", action="store_true", help="only the 1M-token prefill of one CSA layer")
+    ap.add_argument("--tune", action="store_true", help="only: prefill attention tile configs, 8K queries at 32K")
+    args = ap.parse_args(argv)
+    emit(case="device", name=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__)
+    if args.tune:
+        tune()
+        return
+    if args.csa_prefill_1m:
+        t = time.time()
+        v4_prefill(1 << 20, 4, chunk=8192)
+        emit(case="csa_prefill_1m_wall", s=time.time() - t, peak_gib=torch.cuda.max_memory_allocated() / 2 ** 30)
+        return
+    kv_bytes_summary()
+    ctxs = [parse_context(c) for c in args.ctx.split(",")]
+    pmax = parse_context(args.prefill_max)
+    for ctx in ctxs:
+        g = gqa_decode(ctx)
+        v = v4_decode(ctx)
+        emit(case="decode_speedup", ctx=ctx, csa_attn=g / v["csa"], csa_with_indexer=g / (v["csa"] + v["csa_indexer"]),
+             hca=g / v["hca"])
+        torch.cuda.empty_cache()
+    v4_decode(ctxs[-1], batch=8)
+    for ctx in ctxs:
+        if ctx > pmax:
+            continue
+        g = gqa_prefill(ctx)
+        c = v4_prefill(ctx, 4)
+        h = v4_prefill(ctx, 128)
+        emit(case="prefill_speedup", ctx=ctx, csa=g / c, hca=g / h)
+        torch.cuda.empty_cache()
+    emit(case="peak_memory_gib", value=torch.cuda.max_memory_allocated() / 2 ** 30)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
