@@ -240,7 +240,9 @@ def attend(q: torch.Tensor, positions: torch.Tensor, sink: torch.Tensor, scale: 
     B, S, H, D = q.shape
     assert q.stride(-1) == 1
     BLOCK_D = triton.next_power_of_2(D)
-    BLOCK_H = block_h or max(16, min(32 if D > 256 else 64, triton.next_power_of_2(H)))
+    # Prefill (many rows): all 64 heads per program measured best on the H100 (146 vs 77 TFLOP/s at 32).
+    many = B * S >= 2 * _num_sms(q.device)
+    BLOCK_H = block_h or max(16, min(64 if (many or D <= 256) else 32, triton.next_power_of_2(H)))
     BLOCK_N = block_n or (32 if D > 256 else 16)
     num_warps = num_warps or (8 if D > 256 else 4)
     out = torch.empty_like(q) if out is None else out
