@@ -15,13 +15,16 @@ Recipe (report §3), scaled by the fields below:
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dsv4.config import Config, ConfigError, _near_miss, preset
+import difflib
+
+from dsv4.config import Config, ConfigError, preset
 
 PHASES = ("dense", "indexer_warmup", "sparse")
 
@@ -141,7 +144,7 @@ class TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(raw) - known)
         if unknown:
-            hints = {k: _near_miss(k, known) for k in unknown}
+            hints = {k: next(iter(difflib.get_close_matches(k, known, n=1, cutoff=0.75)), None) for k in unknown}
             raise ConfigError("unknown train config field(s) " + ", ".join(
                 f"{k!r}" + (f" (did you mean {h!r}?)" if h else "") for k, h in hints.items()))
         return cls(**raw)

@@ -96,17 +96,19 @@ class SpikeDetector:
         self.ratio, self.warmup, self.ema, self.hold = ratio, warmup, ema, hold
         self.mean: float | None = None
         self.seen = 0
-        self.active_until = -1  # anticipatory routing is on for steps < active_until
+        self.active_from, self.active_until = 0, 0  # anticipatory routing is on for steps in [from, until)
         self.spikes: list[int] = []
 
     def active(self, step: int) -> bool:
-        return step < self.active_until
+        return self.active_from <= step < self.active_until
 
     def update(self, step: int, loss: float) -> bool:
         """Feed the loss of `step`; True when it is a spike."""
         spike = self.seen >= self.warmup and self.mean is not None and loss > self.ratio * self.mean
         if spike:
             self.spikes.append(step)
+            if not self.active(step):
+                self.active_from = step + 1
             self.active_until = step + 1 + self.hold
         else:
             self.mean = loss if self.mean is None else self.ema * self.mean + (1 - self.ema) * loss
@@ -114,11 +116,13 @@ class SpikeDetector:
         return spike
 
     def state_dict(self) -> dict:
-        return {"mean": self.mean, "seen": self.seen, "active_until": self.active_until, "spikes": list(self.spikes)}
+        return {"mean": self.mean, "seen": self.seen, "active_from": self.active_from,
+                "active_until": self.active_until, "spikes": list(self.spikes)}
 
     def load_state_dict(self, state: dict) -> None:
         self.mean, self.seen = state["mean"], state["seen"]
-        self.active_until, self.spikes = state["active_until"], list(state["spikes"])
+        self.active_from, self.active_until = state["active_from"], state["active_until"]
+        self.spikes = list(state["spikes"])
 
 
 class RouterHistory:

@@ -55,6 +55,11 @@ class Trainer:
         self.dist = dist
         self.rank, self.world = (dist.rank, dist.world) if dist is not None else (0, 1)
         self.model_config = cfg.model_config()
+        if dist is not None and dist.device_type == "cpu" and cfg.indexer_warmup_steps:
+            # Seen with torch 2.13: FSDP2 over gloo crashes (SIGSEGV in backward) when whole shard groups get
+            # no gradient, which is what a frozen backbone means. Not seen to be needed on GPUs (NCCL).
+            raise ConfigError("indexer_warmup_steps > 0 is not supported for data-parallel CPU (gloo) runs; "
+                              "set it to 0 there, or run the warm-up in one process")
         torch.manual_seed(cfg.seed)
         self.model = Transformer(self.model_config, seed=cfg.seed).to(self.device)
         if dist is not None:
@@ -125,6 +130,7 @@ class Trainer:
                        route_with=self.router_history.oldest() if anticipatory else None,
                        checkpoint=cfg.activation_checkpointing)
         batch = self._local(next(self.loader))
+        self._set_trainable(phase)
         self.model.train()
         autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if cfg.bf16 else nullcontext())
         with autocast:
@@ -142,8 +148,12 @@ class Trainer:
             loss = lm + cfg.mtp_weight * mtp + cfg.balance_weight * balance + cfg.indexer_loss_weight * indexer
         self.optimizer.zero_grad(set_to_none=True)
         (loss * self.world).backward()
-        grad_norm = (torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip) if cfg.grad_clip
-                     else torch.zeros(()))
+        if self.dist is not None:
+            grad_norm = self.dist.finish_grads(self.model, cfg.grad_clip)
+        else:
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grads_with_norm_(self.model.parameters(), cfg.grad_clip, grad_norm)
         self.optimizer.step()
         imbalance = {}
         if phase != "indexer_warmup":
@@ -161,6 +171,13 @@ class Trainer:
                 "lr": lr, "tokens": self.tokens, "batch_tokens": global_tokens, "seq_len": self.loader.seq_len,
                 "phase": phase, "anticipatory": anticipatory, "spike": spike, "grad_norm": gn,
                 "max_load": max(imbalance.values()) if imbalance else None}
+
+    def _set_trainable(self, phase: str) -> None:
+        """The indexer learns only in the warm-up and sparse phases, the backbone in all but the warm-up.
+        Frozen parameters get no gradient, so the optimizer leaves them (and their moments) untouched."""
+        for name, p in self.model.named_parameters():
+            is_indexer = ".indexer." in name
+            p.requires_grad_(phase == "sparse" or (phase == "indexer_warmup") == is_indexer)
 
     @torch.no_grad()
     def evaluate(self) -> float:

@@ -1,0 +1,206 @@
+"""Data + expert parallelism applied from outside the (single-device) model: FSDP2 and an expert-parallel MoE.
+
+    torchrun --nproc-per-node N -m dsv4.train.cli --preset tiny --out runs/dp
+
+Layout over one process group of N ranks (NCCL on GPUs, gloo on CPU):
+  data parallel     every rank takes B/N rows of each global batch (the same loader on every rank, so the
+                    data order equals the one-process run); non-expert parameters are sharded with FSDP2
+                    (`fully_shard` per trunk block, then the root with embedding, head and MTP block), gradients averaged over ranks.
+  expert parallel   the routed experts of every MoE layer are split: rank r keeps experts
+                    [r E/N, (r+1) E/N) and drops the rest. Dispatch is an all-gather of the tokens, their
+                    routing weights and indices; each rank runs its own experts on every token routed to
+                    them, and an all-reduce sums the partial outputs, of which each rank keeps its rows.
+                    (Simple and exact; an all-to-all dispatch that moves only routed tokens is the
+                    bandwidth-efficient version and is not done here.) Expert gradients are therefore
+                    computed over the global batch on their owner and are not reduced again.
+The router's balancing bias is a buffer updated from loads summed over ranks, so it stays identical.
+"""
+
+from __future__ import annotations
+
+import os
+import types
+import warnings
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+class Parallel:
+    def __init__(self, device_type: str = "cpu", expert_parallel: bool = True):
+        if not dist.is_initialized():
+            raise RuntimeError("initialise the process group first (torchrun, or Parallel.from_env())")
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.local_rank = int(os.environ.get("LOCAL_RANK", self.rank))
+        self.device_type = device_type
+        self.expert_parallel = expert_parallel
+        from torch.distributed.device_mesh import init_device_mesh
+
+        self.mesh = init_device_mesh(device_type, (self.world,))
+        self._expert_params: list[nn.Parameter] = []
+
+    @classmethod
+    def from_env(cls, expert_parallel: bool = True) -> "Parallel":
+        """The process group of a torchrun launch: NCCL when CUDA is there, else gloo."""
+        cuda = torch.cuda.is_available()
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if cuda else "gloo")
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        return cls("cuda" if cuda else "cpu", expert_parallel)
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+    # ------------------------------------------------------------------ applying it
+    def parallelize(self, model: nn.Module) -> nn.Module:
+        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+        from dsv4.moe import MoE
+
+        if self.expert_parallel:
+            for moe in (m for m in model.modules() if isinstance(m, MoE)):
+                self._shard_experts(moe)
+        ignored = set(self._expert_params)
+        for block in model.layers:
+            fully_shard(block, mesh=self.mesh, ignored_params=ignored)
+        fully_shard(model, mesh=self.mesh, ignored_params=ignored)
+        # The MTP block stays with the root's shard group: `mtp_logits` (registered so that it gathers the
+        # root's parameters like forward does) uses the block's tensors outside its own forward.
+        register_fsdp_forward_method(model, "mtp_logits")
+        return model
+
+    def expert_range(self, n_experts: int) -> tuple[int, int]:
+        if n_experts % self.world:
+            raise ValueError(f"{n_experts} routed experts do not split evenly over {self.world} ranks")
+        per = n_experts // self.world
+        return self.rank * per, (self.rank + 1) * per
+
+    def _shard_experts(self, moe: nn.Module) -> None:
+        lo, hi = self.expert_range(moe.n_experts)
+        for e in range(moe.n_experts):
+            if not lo <= e < hi:
+                moe.experts[e] = nn.Module()  # dropped: another rank owns it
+            else:
+                self._expert_params += list(moe.experts[e].parameters())
+        moe._ep = (self, lo, hi)
+        moe.routed = types.MethodType(_expert_parallel_routed, moe)
+
+    # ------------------------------------------------------------------ collectives
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.clone()
+        dist.all_reduce(t)
+        return t
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    @torch.no_grad()
+    def finish_grads(self, model: nn.Module, max_norm: float) -> torch.Tensor:
+        """After backward: expert gradients (summed over every rank's loss, each scaled by the world size)
+        are divided by the world size, as FSDP does for the rest; then global-norm clipping over all ranks.
+        Returns the gradient norm before clipping."""
+        for p in self._expert_params:
+            if p.grad is not None:
+                p.grad.div_(self.world)
+        sq = torch.zeros((), dtype=torch.float64, device=self._device())
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        for g in grads:
+            local = g.to_local() if hasattr(g, "to_local") else g
+            sq += local.double().square().sum()
+        norm = self.all_reduce(sq).sqrt().float()
+        if max_norm:
+            coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+            for g in grads:
+                (g.to_local() if hasattr(g, "to_local") else g).mul_(coef.to(g.dtype))
+        return norm
+
+    def _device(self) -> torch.device:
+        return torch.device("cuda", torch.cuda.current_device()) if self.device_type == "cuda" else torch.device("cpu")
+
+    # ------------------------------------------------------------------ state
+    @torch.no_grad()
+    def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The whole model's state dict (CPU tensors) on every rank: shards gathered, experts from owners."""
+        from dsv4.moe import MoE
+
+        sd = {}
+        for name, t in model.state_dict().items():
+            if self.expert_parallel and _is_routed_expert(name):
+                continue
+            sd[name] = (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().cpu()
+        for prefix, moe in ((n, m) for n, m in model.named_modules() if isinstance(m, MoE) and hasattr(m, "_ep")):
+            _, lo, hi = moe._ep
+            template = next(moe.experts[lo].parameters())  # every expert has the same shapes per matrix
+            for e in range(moe.n_experts):
+                owner = e // (moe.n_experts // self.world)
+                for w in ("w1", "w2", "w3"):
+                    key = f"{prefix}.experts.{e}.{w}.weight"
+                    if lo <= e < hi:
+                        t = getattr(moe.experts[e], w).weight.detach().contiguous()
+                    else:
+                        shape = getattr(moe.experts[lo], w).weight.shape
+                        t = torch.empty(shape, dtype=template.dtype, device=template.device)
+                    dist.broadcast(t, src=owner)
+                    sd[key] = t.cpu()
+        return sd
+
+    @torch.no_grad()
+    def load_full_state_dict(self, model: nn.Module, sd: dict[str, torch.Tensor]) -> None:
+        from torch.distributed.tensor import distribute_tensor
+
+        own = dict(model.named_parameters())
+        own.update(dict(model.named_buffers()))
+        missing = [k for k in own if k not in sd]
+        if missing:
+            from dsv4.train.trainer import CheckpointMismatch
+
+            raise CheckpointMismatch(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[:5]}")
+        for name, p in own.items():
+            full = sd[name].to(self._device(), p.dtype)
+            if hasattr(p, "to_local"):
+                p.to_local().copy_(distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None).to_local())
+            else:
+                p.copy_(full)
+
+
+def _is_routed_expert(name: str) -> bool:
+    return ".shared_experts." not in name and ".experts." in name
+
+
+def _expert_parallel_routed(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
+                            fp4: bool = False) -> torch.Tensor:
+    """MoE.routed over the ranks: x (N, d) local tokens -> (N, d) routed output (see the module docstring)."""
+    import torch.distributed.nn.functional as dnn
+
+    par, lo, hi = self._ep
+    N = x.shape[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.distributed.nn's autograd collectives
+        xs = torch.cat(dnn.all_gather(x))  # (world N, d)
+        ws = torch.cat(dnn.all_gather(weights))
+        ids = [torch.empty_like(indices) for _ in range(par.world)]
+        dist.all_gather(ids, indices.contiguous())
+        ids = torch.cat(ids)
+        out = torch.zeros_like(xs)
+        flat = ids.reshape(-1)
+        order = flat.argsort(stable=True)
+        counts = torch.bincount(flat, minlength=self.n_experts).tolist()
+        token_of = order // ids.shape[-1]
+        weight_of = ws.reshape(-1)[order]
+        start = sum(counts[:lo])
+        for e in range(lo, hi):
+            count = counts[e]
+            if count:
+                tokens = token_of[start:start + count]
+                y = self.experts[e](xs[tokens], fp4) * weight_of[start:start + count, None].to(x.dtype)
+                out = out.index_add(0, tokens, y)
+            start += count
+        out = dnn.all_reduce(out)
+    return out[par.rank * N:(par.rank + 1) * N]
