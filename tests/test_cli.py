@@ -47,5 +47,5 @@ def test_generate_from_preset(capsys):
 def test_errors_are_reported_not_raised(tmp_path, capsys):
     assert main(["info", str(tmp_path)]) == 2
     assert "no config.json" in capsys.readouterr().err
-    assert main(["generate", "--model", "tiny", "--prompt", "x", "--max-new-tokens", "5000"]) == 2
+    assert main(["generate", "--model", "tiny", "--prompt", "x", "--max-new-tokens", "70000"]) == 2
     assert "exceeds" in capsys.readouterr().err
