@@ -201,8 +201,10 @@ class Trainer:
         return float(total[0] / total[1].clamp(min=1))
 
     # ------------------------------------------------------------------ run
-    def run(self, steps: int | None = None, progress: bool = True, on_step=None) -> list[dict]:
-        """Train up to step `steps` (default: config.steps), appending to metrics.jsonl and checkpointing."""
+    def run(self, steps: int | None = None, progress: bool = True, on_step=None,
+            max_seconds: float | None = None) -> list[dict]:
+        """Train up to step `steps` (default: config.steps), appending to metrics.jsonl and checkpointing.
+        `max_seconds`: stop (with validation and a checkpoint) after the first step that ends past it."""
         from tqdm import tqdm
 
         cfg = self.config
@@ -215,6 +217,9 @@ class Trainer:
         t0, tok0 = time.perf_counter(), self.tokens
         while self.step < total:
             rec = self.train_step()
+            out_of_time = max_seconds is not None and time.perf_counter() - t0 > max_seconds
+            if out_of_time:
+                total = self.step
             if cfg.eval_every and self.step % cfg.eval_every == 0 or self.step == total:
                 rec["val_loss"] = self.evaluate()
             records.append(rec)

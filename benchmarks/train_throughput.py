@@ -1,0 +1,110 @@
+"""Training throughput of a ~1.3B-parameter (0.5B active) V4 on one GPU, at 4K and 16K tokens per sequence.
+
+    python benchmarks/train_throughput.py [--out DIR] [--lengths 4096 16384] [--steps 3]
+
+The full recipe's sparse phase as `dsv4 train` runs it: Muon, bf16 autocast, FP4 QAT of experts and indexer,
+MTP, sequence-wise balance loss, indexer KL on detached inputs, packed documents (random tokens, 500-6000
+per document, so no tokenizer is needed). One sequence per step. Reports tokens/s and MFU:
+  MFU(6N)      6 x active parameters (matmuls, head included, embedding lookup excluded) x tokens/s / peak
+  MFU(+attn)   the same plus core attention (window 128 + top-k 512 for CSA, all finished entries for HCA)
+peak = 989 TFLOP/s (H100 SXM dense bf16). The model code is the plain-PyTorch reference (per-expert loop,
+per-document attention), so this is the baseline the kernels are measured against.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from dsv4.info import describe
+from dsv4.train.config import TrainConfig
+from dsv4.train.trainer import Trainer
+
+MODEL = dict(hidden_size=1024, num_hidden_layers=12, num_attention_heads=16, head_dim=128, qk_rope_head_dim=64,
+             q_lora_rank=512, o_groups=4, o_lora_rank=512, sliding_window=128, compress_ratios=[0, 0] + [4, 128] * 5,
+             index_n_heads=8, index_head_dim=64, index_topk=512, n_routed_experts=16, num_experts_per_tok=2,
+             moe_intermediate_size=1536, num_hash_layers=2, max_position_embeddings=65536)
+PEAK = 989e12
+
+
+def random_docs(n_tokens: int, vocab: int, seed: int = 0) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    docs, total = [], 0
+    while total < n_tokens:
+        n = int(torch.randint(500, 6000, (1,), generator=gen))
+        docs.append(torch.randint(2, vocab, (n,), generator=gen, dtype=torch.int32))
+        total += n
+    return {"random": docs}
+
+
+def attention_flops_per_token(cfg, seq_len: int) -> float:
+    """Forward + backward (x3) core-attention FLOPs per token, averaged over positions."""
+    H, D = cfg.num_attention_heads, cfg.head_dim
+    total = 0.0
+    for r in cfg.layer_ratios + [0] * cfg.num_nextn_predict_layers:
+        keys = min(cfg.sliding_window, seq_len / 2)
+        if r == 4:
+            keys += min(cfg.index_topk, seq_len / 8)
+        elif r == 128:
+            keys += seq_len / 2 / 128
+        total += 4 * H * D * keys  # QK^T and PV
+    return 3 * total
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", default=os.environ.get("OUT", "."))
+    p.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384])
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=2)
+    args = p.parse_args()
+    device = "cuda"
+    results = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "runs": []}
+    for seq_len in args.lengths:
+        for ckpt in (False, True):
+            cfg = TrainConfig(model="small", model_overrides=MODEL, steps=args.warmup + args.steps, batch_size=1,
+                              seq_len_schedule=[[0, seq_len]], warmup_steps=1, bf16=True, fp4_experts=True,
+                              fp4_indexer=True, activation_checkpointing=ckpt, checkpoint_every=10**6, spike_warmup=10**6)
+            mc = cfg.model_config()
+            try:
+                t = Trainer(cfg, Path(args.out) / "run", device=device,
+                            docs=random_docs(seq_len * (args.warmup + args.steps + 1), mc.vocab_size),
+                            val_docs=random_docs(seq_len, mc.vocab_size, 1))
+                for _ in range(args.warmup):
+                    t.train_step()
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                t0 = time.perf_counter()
+                for _ in range(args.steps):
+                    rec = t.train_step()
+                torch.cuda.synchronize()
+                dt = (time.perf_counter() - t0) / args.steps
+            except torch.OutOfMemoryError:
+                print(f"seq {seq_len} checkpointing={ckpt}: out of memory", flush=True)
+                t = None
+                torch.cuda.empty_cache()
+                continue
+            active = describe(mc)["parameters"]["active"] - mc.vocab_size * mc.hidden_size  # no embedding lookup
+            tps = seq_len / dt
+            mfu = 6 * active * tps / PEAK
+            mfu_attn = (6 * active + attention_flops_per_token(mc, seq_len)) * tps / PEAK
+            row = {"seq_len": seq_len, "activation_checkpointing": ckpt, "step_s": dt, "tokens_per_s": tps,
+                   "mfu_6n": mfu, "mfu_with_attention": mfu_attn, "loss": rec["loss"],
+                   "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
+                   "params_total": describe(mc)["parameters"]["total"], "params_active": active}
+            results["runs"].append(row)
+            print(json.dumps(row), flush=True)
+            del t
+            torch.cuda.empty_cache()
+            break  # checkpointing only when needed
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "train_throughput.json").write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
