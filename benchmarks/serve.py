@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 
@@ -83,7 +82,7 @@ def throughput(model, concurrency: int, prompt_len: int, gen_len: int, chunk: in
     toks = sum(o.usage.completion_tokens for o in outs)
     return {"concurrency": concurrency, "prompt_tokens": prompt_len, "output_tokens": gen_len, "seconds": dt,
             "requests_per_s": concurrency / dt, "output_tokens_per_s": toks / dt,
-            "mean_ttft_s": stats["ttft_seconds_sum"] / max(1, stats["ttft_count"]) - 0.0,
+            "mean_ttft_s": stats["ttft_seconds_sum"] / max(1, stats["ttft_count"]),
             "forward_passes": stats["forward_passes"]}
 
 

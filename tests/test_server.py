@@ -287,7 +287,8 @@ def test_tool_turn_round_trip_and_choices(scripted):
     engine.completion = CALL.split('name="get_weather">\n', 1)[1]
     r = c.chat.completions.create(model="dsv4", messages=msgs[:1], tools=TOOLS, reasoning_effort="high",
                                   tool_choice={"type": "function", "function": {"name": "get_weather"}})
-    assert engine.prompts[-1].endswith('<｜Assistant｜></think>\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name="get_weather">\n')
+    forced = '\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name="get_weather">\n'
+    assert engine.prompts[-1].endswith('<｜Assistant｜></think>' + forced)
     assert json.loads(r.choices[0].message.tool_calls[0].function.arguments) == {"city": "Paris", "days": 2}
 
 

@@ -32,8 +32,8 @@ def _copy_layer(layer: LayerCache, fn) -> LayerCache:
 
 
 def _map(cache: KVCache, fn) -> KVCache:
-    return replace(cache, layers=[_copy_layer(x, fn) for x in cache.layers], mtp=[_copy_layer(x, fn) for x in cache.mtp],
-                   mtp_length=list(cache.mtp_length))
+    return replace(cache, layers=[_copy_layer(x, fn) for x in cache.layers],
+                   mtp=[_copy_layer(x, fn) for x in cache.mtp], mtp_length=list(cache.mtp_length))
 
 
 def snapshot(cache: KVCache) -> KVCache:

@@ -43,7 +43,8 @@ def block_keys(fingerprint: str, ids: list[int], block: int) -> list[str]:
     h = hashlib.sha256(fingerprint.encode())
     keys = []
     for k in range(len(ids) // block):
-        h = hashlib.sha256(h.digest() + torch.tensor(ids[k * block:(k + 1) * block], dtype=torch.int32).numpy().tobytes())
+        block_ids = torch.tensor(ids[k * block:(k + 1) * block], dtype=torch.int32)
+        h = hashlib.sha256(h.digest() + block_ids.numpy().tobytes())
         keys.append(h.hexdigest())
     return keys
 
