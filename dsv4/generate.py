@@ -80,7 +80,7 @@ def stream(model: Transformer, prompt_ids: list[int], params: SamplingParams,
     cache = model.new_cache()
     ids = torch.tensor([prompt_ids], device=device)
     for s in range(0, ids.shape[1], prefill_chunk):  # chunked prefill: same cache as one pass
-        logits = model(ids[:, s:s + prefill_chunk], cache)
+        logits = model(ids[:, s:s + prefill_chunk], cache, last_only=True)
     for _ in range(params.max_new_tokens):
         token = sample(logits[:, -1], params, generator)
         yield int(token)

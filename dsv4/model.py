@@ -63,7 +63,8 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache | list[KVCache] | None = None,
                 doc_ids: torch.Tensor | None = None, return_hidden: bool = False,
-                step: TrainStep | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                step: TrainStep | None = None,
+                last_only: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """input_ids (B, S) -> logits (B, S, vocab) in fp32.
 
         cache: None (the tokens are whole sequences from position 0), one `KVCache` the whole batch
@@ -72,6 +73,8 @@ class Transformer(nn.Module):
         whose positions restart at 0 (sample-level attention masking, §3.1).
         `return_hidden` also returns the final streams (B, S, n_hc, d) that the MTP blocks consume.
         `step`: training switches and measurements (`dsv4.hooks.TrainStep`); None for inference.
+        `last_only`: logits of the last position only (B, 1, vocab): prefill needs no more, and a chunk's
+        full logits are S x vocab fp32 (1 GiB per 2K tokens at V4's vocabulary).
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
@@ -88,7 +91,7 @@ class Transformer(nn.Module):
                 x = layer(x, input_ids, views, inv_freq, step)
         for v in views:
             v.cache.length = int(v.positions[-1]) + 1
-        logits = self.logits(x)
+        logits = self.logits(x[:, -1:] if last_only else x)
         return (logits, x) if return_hidden else logits
 
     def mtp_logits(self, hidden: torch.Tensor, next_ids: torch.Tensor, cache: KVCache | list[KVCache] | None = None,

@@ -395,9 +395,9 @@ class Engine:
     def _groups(self, rows: list) -> list[list]:
         return [[r] for r in rows] if self.config.batch_invariant else ([rows] if rows else [])
 
-    def _forward(self, ids: torch.Tensor, caches: list[KVCache], hidden: bool):
+    def _forward(self, ids: torch.Tensor, caches: list[KVCache], hidden: bool, last_only: bool = False):
         self._counters["forward_passes"] += 1
-        return self.model(ids, caches, return_hidden=hidden)
+        return self.model(ids, caches, return_hidden=hidden, last_only=last_only)
 
     # ------------------------------------------------------------------ prefill
     def _lookup_prefix(self, r: _Request) -> None:
@@ -440,7 +440,7 @@ class Engine:
 
     def _prefill_chunk(self, rows: list[_Request], n: int) -> None:
         ids = torch.tensor([r.prompt[r.pos:r.pos + n] for r in rows], device=self.device)
-        out = self._forward(ids, [r.cache for r in rows], hidden=self.config.speculative)
+        out = self._forward(ids, [r.cache for r in rows], hidden=self.config.speculative, last_only=True)
         logits, hidden = out if self.config.speculative else (out, None)
         for i, r in enumerate(rows):
             s, r.pos = r.pos, r.pos + n
