@@ -70,3 +70,9 @@ def test_mtp_decode_equals_full(model_and_ids):
             _, h = model(ids[:, s:e], cache, return_hidden=True)
             outs.append(model.mtp_logits(h, ids[:, s + 1:e + 1], cache))
     torch.testing.assert_close(torch.cat(outs, dim=1), full, atol=1e-4 * full.abs().max().item(), rtol=0)
+
+
+def test_last_only_logits(model_and_ids):
+    model, ids, full = model_and_ids
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, last_only=True), full[:, -1:], rtol=0, atol=0)
