@@ -75,4 +75,5 @@ def test_mtp_decode_equals_full(model_and_ids):
 def test_last_only_logits(model_and_ids):
     model, ids, full = model_and_ids
     with torch.no_grad():
-        torch.testing.assert_close(model(ids, last_only=True), full[:, -1:], rtol=0, atol=0)
+        # rtol: one row through the head matmul may round differently from many rows
+        torch.testing.assert_close(model(ids, last_only=True), full[:, -1:], rtol=1e-5, atol=1e-5)
