@@ -137,7 +137,8 @@ class Trainer:
             parts = forward_losses(self.model, batch["input_ids"], batch["labels"], batch["doc_ids"], ts)
         # Counts over all ranks; gradients are averaged over ranks, hence the factor `world`.
         counts = self._all_reduce(torch.tensor([parts.lm_count, parts.mtp_count, parts.balance_count,
-                                                parts.indexer_count], dtype=torch.float64)).tolist()
+                                                parts.indexer_count], dtype=torch.float64,
+                                               device=self.device)).tolist()
         lm = parts.lm_sum / max(counts[0], 1)
         mtp = parts.mtp_sum / max(counts[1], 1)
         balance = parts.balance_sum / max(counts[2], 1)
@@ -159,7 +160,7 @@ class Trainer:
         if phase != "indexer_warmup":
             load = {k: self._all_reduce(v.float()) for k, v in sorted(ts.expert_load.items())}
             imbalance = update_router_bias(self.model, load, cfg.bias_update_speed)
-        reported = self._all_reduce(torch.stack([parts.lm_sum, parts.mtp_sum, parts.indexer_sum]).detach().double())
+        reported = self._all_reduce(torch.stack([parts.lm_sum, parts.mtp_sum, parts.indexer_sum]).detach().double()).cpu()
         lm_v, mtp_v, idx_v = (reported / torch.tensor(counts[:2] + counts[3:]).clamp(min=1)).tolist()
         spike = self.spikes.update(step, lm_v) if phase != "indexer_warmup" else False
         global_tokens = batch["input_ids"].numel() * self.world
@@ -189,13 +190,13 @@ class Trainer:
                             cfg.seq_len_at(max(0, self.step - 1)), bos, eos, None, seed=1234)
         phase = cfg.phase_at(max(0, self.step - 1))
         self.model.eval()
-        total = torch.zeros(2, dtype=torch.float64)
+        total = torch.zeros(2, dtype=torch.float64, device=self.device)
         for _ in range(cfg.eval_batches):
             b = self._local(next(loader))
             ts = TrainStep(attention="sparse" if phase == "sparse" else "dense",
                            fp4_experts=cfg.fp4_experts, fp4_indexer=cfg.fp4_indexer)
             parts = forward_losses(self.model, b["input_ids"], b["labels"], b["doc_ids"], ts, with_mtp=False)
-            total += torch.tensor([float(parts.lm_sum), parts.lm_count], dtype=torch.float64)
+            total += torch.tensor([float(parts.lm_sum), parts.lm_count], dtype=torch.float64, device=self.device)
         total = self._all_reduce(total)
         self.model.train()
         return float(total[0] / total[1].clamp(min=1))
