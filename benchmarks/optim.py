@@ -1,6 +1,6 @@
 """Muon vs AdamW on the bundled corpus: same model, same data order, same token budget, small LR sweep each.
 
-    python benchmarks/optim.py [--steps 150] [--out benchmarks/optim_results.json]
+    python benchmarks/optim.py [--steps 150] [--out benchmarks/results/optim_cpu.json]
 
 Model: the `tiny` preset (every component on; corpus ids folded into its 512-token vocabulary), rows of 128
 tokens, 8 rows per step, sparse phase throughout, no FP4 (optimizer comparison only). Validation loss is
@@ -40,7 +40,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--eval-every", type=int, default=10)
-    p.add_argument("--out", default="benchmarks/optim_results.json")
+    p.add_argument("--out", default="benchmarks/results/optim_cpu.json")
     args = p.parse_args()
     docs, val_docs = tokenize_corpus("train"), tokenize_corpus("val")
     runs = []
