@@ -3,9 +3,11 @@
 
 Timed pieces (random inputs of the right shapes; the projections are the same dense matmuls for every
 variant and are left out):
-  decode   gqa8: SDPA over a bf16 K/V cache of ctx tokens; csa: indexer scores + exact top-k over ctx/4
-           keys, then attention over 512 picked + 128 window FP8 records from the paged pool; hca:
-           attention over ctx/128 FP8 records + window (split-K + merge kernels)
+  decode   gqa8: SDPA over a bf16 K/V cache of ctx tokens; csa: the decode kernels (`indexer_decode`: fused
+           scores + histogram top-k over ctx/4 FP8 indexer keys, `decode_attn`: flash-decoding over 512
+           picked + 128 window FP8 records from the paged pool), alone and as one CUDA graph of the layer's
+           step (indexer -> attention); hca: flash-decoding over ctx/128 FP8 records + window.
+           `legacy_*`: the general kernels (`sparse_attn.attend`, `indexer_topk` + torch.topk) in the same run
   prefill  gqa8: causal SDPA over ctx tokens; csa / hca: the same kernels over all ctx queries in chunks
 Usage: python benchmarks/attention.py [--ctx 8K,32K,...] [--prefill-max 128K] [--csa-prefill-1m]
 """
@@ -25,6 +27,8 @@ import triton
 from dsv4.analysis import parse_context
 from dsv4.config import preset
 from dsv4.kernels import fp8_kv
+from dsv4.kernels.decode_attn import attend_decode
+from dsv4.kernels.indexer_decode import KeySource, indexer_topk_decode, workspace
 from dsv4.kernels.indexer_topk import indexer_topk
 from dsv4.kernels.sparse_attn import KVSource, attend, sparse_attention_dense
 
@@ -81,41 +85,129 @@ def gqa_decode(ctx):
     return ms
 
 
-def v4_decode(ctx, batch=1):
-    q = torch.randn(batch, 1, H, D, device=DEV, dtype=torch.bfloat16)
-    sink = torch.randn(H, device=DEV)
-    pos = torch.full((batch, 1), ctx - 1, device=DEV, dtype=torch.int32)
-    zeros = torch.zeros(batch, dtype=torch.int32, device=DEV)
+def fp8_index_keys(n: int, batch: int, block: int = 64) -> KeySource:
+    """n random indexer keys per sequence as the paged cache stores them (128 E4M3 + fp32 scale = 132 B)."""
+    n_blocks = max(1, math.ceil(n / block))
+    x = torch.randn(batch * n_blocks * block, DI, device=DEV)
+    scale = (x.abs().amax(-1, keepdim=True) / 448.0).clamp(min=1e-12)
+    raw = torch.empty(x.shape[0], DI + 4, dtype=torch.uint8, device=DEV)
+    raw[:, :DI] = (x / scale).to(torch.float8_e4m3fn).view(torch.uint8)
+    raw[:, DI:] = scale.view(torch.uint8)
+    table = torch.randperm(batch * n_blocks, device=DEV, dtype=torch.int32).view(batch, n_blocks)
+    return KeySource(main=raw[:, :DI].view(torch.float8_e4m3fn), table=table, block_size=block,
+                     scale=raw.view(torch.float32)[:, DI // 4])
+
+
+def decode_inputs(ctx, batch):
+    n4, n128 = ctx // 4, ctx // 128
     win = fp8_pool(WIN)
     win.table = win.table.expand(batch, -1).contiguous()
+    comps = {}
+    for r, n in ((4, n4), (128, n128)):
+        comps[r] = fp8_pool(n)
+        comps[r].table = comps[r].table.expand(batch, -1).contiguous()
+    return dict(
+        q=torch.randn(batch, 1, H, D, device=DEV, dtype=torch.bfloat16), sink=torch.randn(H, device=DEV),
+        pos=torch.full((batch, 1), ctx - 1, device=DEV, dtype=torch.int32),
+        zeros=torch.zeros(batch, dtype=torch.int32, device=DEV), win=win, comps=comps,
+        n_comp={r: torch.full((batch,), n, device=DEV, dtype=torch.int32) for r, n in ((4, n4), (128, n128))},
+        topk=torch.stack([torch.randperm(n4, device=DEV)[:TOPK] for _ in range(batch)])[:, None].int(),
+        iq=torch.randn(batch, HI, DI, device=DEV, dtype=torch.bfloat16), w=torch.randn(batch, HI, device=DEV),
+        ikeys=fp8_index_keys(n4, batch), ws=workspace(batch, DEV))
+
+
+def attn_fn(x, ctx, ratio, kernel=attend_decode, topk=None, **kw):
+    n = ctx // ratio
+    topk = (x["topk"] if topk is None else topk) if ratio == 4 else None
+    return lambda: kernel(x["q"], x["pos"], x["sink"], D ** -0.5, WIN, x["win"], x["zeros"], x["zeros"], win_ring=WIN,
+                          comp=x["comps"][ratio], n_comp=x["n_comp"][ratio], max_comp=n, topk=topk, ratio=ratio,
+                          rope_dim=RD, **kw)
+
+
+def indexer_fn(x, ctx, **kw):
+    B = x["q"].shape[0]
+    return lambda: indexer_topk_decode(x["iq"], x["w"], x["ikeys"], x["pos"].view(B), x["n_comp"][4], 4, TOPK,
+                                       ctx // 4, ws=x["ws"], **kw)
+
+
+def v4_decode(ctx, batch=1, legacy=True):
+    x = decode_inputs(ctx, batch)
+    n4, n128 = ctx // 4, ctx // 128
     out = {}
-    for ratio in (4, 128):
-        n = ctx // ratio
-        comp = fp8_pool(n)
-        comp.table = comp.table.expand(batch, -1).contiguous()
-        n_comp = torch.full((batch,), n, device=DEV, dtype=torch.int32)
-        topk = None
-        if ratio == 4:
-            topk = torch.stack([torch.randperm(n, device=DEV)[:TOPK] for _ in range(batch)])[:, None].int()
-        fn = lambda: attend(q, pos, sink, D ** -0.5, WIN, win, zeros, zeros, win_ring=WIN, comp=comp, n_comp=n_comp,
-                            max_comp=n, topk=topk, ratio=ratio, rope_dim=RD)
-        ms = bench_graph(fn)
-        keys = WIN + (TOPK if ratio == 4 else n)
-        name = "csa" if ratio == 4 else "hca"
-        emit(case=f"{name}_decode_attn", ctx=ctx, batch=batch, ms=ms, bytes=batch * keys * 584,
-             flops=batch * 4 * H * D * keys)
-        out[name] = ms
-        if ratio == 4:  # indexer: scores over every finished key + exact top-k
-            iq = torch.randn(batch, 1, HI, DI, device=DEV, dtype=torch.bfloat16)
-            w = torch.randn(batch, 1, HI, device=DEV)
-            ik = torch.randn(batch, n, DI, device=DEV, dtype=torch.bfloat16)
-            p1 = torch.tensor([ctx - 1], device=DEV)
-            ms_i = bench_graph(lambda: indexer_topk(iq, w, ik, p1, 4, TOPK))
-            emit(case="csa_decode_indexer", ctx=ctx, batch=batch, ms=ms_i, bytes=batch * n * (DI * 2 + 16),
-                 flops=batch * 2 * HI * DI * n)
-            out["csa_indexer"] = ms_i
-        del comp
+    csa_bytes, hca_bytes = batch * (WIN + TOPK) * 584, batch * (WIN + n128) * 584
+    idx_bytes = batch * n4 * (DI + 4 + 4 + 4)  # FP8 key + scale, score written and read back
+    out["csa"] = ms = bench_graph(attn_fn(x, ctx, 4))
+    emit(case="csa_decode_attn", ctx=ctx, batch=batch, ms=ms, bytes=csa_bytes, flops=batch * 4 * H * D * (WIN + TOPK))
+    out["csa_indexer"] = ms = bench_graph(indexer_fn(x, ctx))
+    emit(case="csa_decode_indexer", ctx=ctx, batch=batch, ms=ms, bytes=idx_bytes, flops=batch * 2 * HI * DI * n4,
+         keys="fp8+scale (132 B)")
+    step_idx = indexer_fn(x, ctx)
+    B = batch
+    step = lambda: attn_fn(x, ctx, 4, topk=step_idx().view(B, 1, TOPK))()
+    out["csa_step"] = ms = bench_graph(step)
+    emit(case="csa_decode_step", ctx=ctx, batch=batch, ms=ms, bytes=csa_bytes + idx_bytes,
+         note="indexer -> attention on its top-k, one CUDA graph")
+    out["hca"] = ms = bench_graph(attn_fn(x, ctx, 128))
+    emit(case="hca_decode_attn", ctx=ctx, batch=batch, ms=ms, bytes=hca_bytes, flops=batch * 4 * H * D * (WIN + n128))
+    if legacy:
+        ms = bench_graph(attn_fn(x, ctx, 4, kernel=attend))
+        emit(case="legacy_csa_decode_attn", ctx=ctx, batch=batch, ms=ms, bytes=csa_bytes)
+        ms = bench_graph(attn_fn(x, ctx, 128, kernel=attend))
+        emit(case="legacy_hca_decode_attn", ctx=ctx, batch=batch, ms=ms, bytes=hca_bytes)
+        ik = torch.randn(batch, n4, DI, device=DEV, dtype=torch.bfloat16)
+        iq, w, p1 = x["iq"][:, None], x["w"][:, None], torch.tensor([ctx - 1], device=DEV)
+        ms = bench_graph(lambda: indexer_topk(iq, w, ik, p1, 4, TOPK))
+        emit(case="legacy_csa_decode_indexer", ctx=ctx, batch=batch, ms=ms, bytes=batch * n4 * (DI * 2 + 16),
+             keys="bf16")
+        ms = bench_graph(lambda: indexer_topk_decode(x["iq"], x["w"], KeySource(ik.view(-1, DI), torch.arange(
+            batch, device=DEV, dtype=torch.int32)[:, None], n4), x["pos"].view(B), x["n_comp"][4], 4, TOPK, n4,
+            ws=x["ws"]))
+        emit(case="csa_decode_indexer_bf16keys", ctx=ctx, batch=batch, ms=ms, bytes=batch * n4 * (DI * 2 + 8))
+        del ik
     return out
+
+
+def check_decode(ctx=1 << 20):
+    """Full-size agreement: decode attention vs the general kernel, the indexer vs the stable-sort reference."""
+    from dsv4.kernels.indexer_decode import reference as ix_reference
+    x = decode_inputs(ctx, 2)
+    for ratio in (4, 128):
+        a, b = attn_fn(x, ctx, ratio)(), attn_fn(x, ctx, ratio, kernel=attend)()
+        emit(case="check_decode_attn", ctx=ctx, ratio=ratio, rel_err=((a.float() - b.float()).norm() / b.float().norm()).item())
+    got = indexer_fn(x, ctx)()
+    src, n = x["ikeys"], ctx // 4
+    rows = (src.table.long()[..., None] * src.block_size + torch.arange(src.block_size, device=DEV)).flatten(1)[:, :n]
+    keys = src.main.float()[rows] * src.scale[rows][..., None]  # (B, n, DI) dequantised
+    want = ix_reference(x["iq"], x["w"], keys, x["pos"].view(-1), 4, TOPK)
+    same_set = [len(set(g.tolist()) & set(w.tolist())) / TOPK for g, w in zip(got, want)]
+    emit(case="check_decode_indexer", ctx=ctx, exact=bool(torch.equal(got, want)), set_overlap=same_set)
+
+
+def tune_decode_kernels(ctx=1 << 20):
+    """Tiles of the decode kernels at 1M: attention (HCA, CSA) and the indexer."""
+    x = decode_inputs(ctx, 1)
+    attn = [(16, 512, None, 32, 4), (16, 512, 128, 32, 4), (16, 512, 256, 32, 4), (16, 512, 512, 32, 4),
+            (16, 512, 256, 16, 4), (16, 256, 256, 32, 4), (32, 256, 256, 32, 8), (64, 128, 256, 32, 8),
+            (64, 256, 256, 32, 8), (16, 512, 256, 32, 8)]
+    csa = [(16, 512, 32, 32, 4), (16, 512, 64, 32, 4), (16, 512, 128, 32, 4), (16, 256, 32, 32, 4),
+           (64, 128, 32, 32, 8), (64, 128, 64, 32, 8), (32, 256, 32, 32, 8), (16, 512, 32, 16, 4)]
+    for name, ratio, cfgs in (("hca", 128, attn), ("csa", 4, csa)):
+        for bh, bdv, chunk, bn, nw in cfgs:
+            try:
+                ms = bench_graph(attn_fn(x, ctx, ratio, block_h=bh, block_dv=bdv, chunk=chunk, block_n=bn, num_warps=nw))
+                emit(case=f"tune_{name}_decode_attn_1m", block_h=bh, block_dv=bdv, chunk=chunk, block_n=bn, warps=nw,
+                     ms=ms)
+            except Exception as e:
+                emit(case=f"tune_{name}_decode_attn_1m", block_h=bh, block_dv=bdv, chunk=chunk, block_n=bn,
+                     warps=nw, error=str(e)[:160])
+    for tile, bn, nw, ns in [(None, 128, 4, 3), (512, 128, 4, 3), (2048, 128, 4, 3), (1024, 64, 4, 3),
+                             (1024, 128, 8, 3), (1024, 128, 4, 2), (2048, 128, 8, 4), (4096, 128, 8, 3)]:
+        try:
+            ms = bench_graph(indexer_fn(x, ctx, tile=tile, block_n=bn, num_warps=nw, num_stages=ns))
+            emit(case="tune_csa_decode_indexer_1m", tile=tile, block_n=bn, warps=nw, stages=ns, ms=ms,
+                 bytes=(ctx // 4) * 140, gbps=(ctx // 4) * 140 / ms / 1e6)
+        except Exception as e:
+            emit(case="tune_csa_decode_indexer_1m", tile=tile, block_n=bn, warps=nw, stages=ns, error=str(e)[:160])
 
 
 def gqa_prefill(ctx):
@@ -233,6 +325,9 @@ def main(argv=None):
     ap.add_argument("--csa-prefill-1m", action="store_true", help="only the 1M-token prefill of one CSA layer")
     ap.add_argument("--tune", action="store_true", help="only: prefill attention tile configs, 8K queries at 32K")
     ap.add_argument("--tune-decode", action="store_true", help="only: HCA decode at 1M, FP8 vs bf16 rows, tiles")
+    ap.add_argument("--tune-decode-kernels", action="store_true", help="only: decode kernels' tiles at 1M")
+    ap.add_argument("--decode-only", action="store_true", help="skip prefill")
+    ap.add_argument("--check", action="store_true", help="only: full-size decode kernels vs references at 1M")
     args = ap.parse_args(argv)
     emit(case="device", name=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__)
     if args.tune:
@@ -240,6 +335,12 @@ def main(argv=None):
         return
     if args.tune_decode:
         tune_decode()
+        return
+    if args.tune_decode_kernels:
+        tune_decode_kernels()
+        return
+    if args.check:
+        check_decode()
         return
     if args.csa_prefill_1m:
         t = time.time()
@@ -253,9 +354,11 @@ def main(argv=None):
         g = gqa_decode(ctx)
         v = v4_decode(ctx)
         emit(case="decode_speedup", ctx=ctx, csa_attn=g / v["csa"], csa_with_indexer=g / (v["csa"] + v["csa_indexer"]),
-             hca=g / v["hca"])
+             csa_step=g / v["csa_step"], hca=g / v["hca"])
         torch.cuda.empty_cache()
-    v4_decode(ctxs[-1], batch=8)
+    v4_decode(ctxs[-1], batch=8, legacy=False)
+    if args.decode_only:
+        return
     for ctx in ctxs:
         if ctx > pmax:
             continue

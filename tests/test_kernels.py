@@ -24,6 +24,8 @@ pytestmark = pytest.mark.skipif(
     reason="needs triton and a GPU, or TRITON_INTERPRET=1 on CPU")
 
 if kernels.triton_available():
+    from dsv4.kernels import decode_attn as da
+    from dsv4.kernels import indexer_decode as ixd
     from dsv4.kernels import indexer_topk as ix
     from dsv4.kernels import sparse_attn as sa
     from dsv4.kernels.paged_cache import PagedKVCache
@@ -96,6 +98,37 @@ def test_fused_derotation():
         assert rel_err(out.cpu(), ref) < TOL
 
 
+# (B, H, D, N, k, ratio, window, cached, kwargs): one query per sequence after `cached` window rows.
+DECODE_CASES = {
+    "csa_holes_and_splits": (2, 20, 64, 40, 37, 4, 8, 9, dict(chunk=16)),  # 20 heads: a ragged head block
+    "csa_topk_gt_entries": (1, 4, 32, 3, 7, 4, 8, 5, {}),
+    "csa_value_split": (2, 4, 64, 30, 12, 4, 8, 9, dict(block_dv=32, chunk=16)),
+    "hca_many_splits": (3, 4, 32, 70, None, 2, 8, 7, dict(chunk=16)),
+    "window_only": (1, 4, 48, 0, None, 4, 8, 5, {}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DECODE_CASES))
+def test_decode_attention_matches_reference(case):
+    B, H, D, N, k, ratio, window, L, kwargs = DECODE_CASES[case]
+    gen = torch.Generator().manual_seed(len(case))
+    positions = torch.tensor([ratio * N + 2]) if N else torch.tensor([L - 1])
+    q = torch.randn(B, 1, H, D, generator=gen).to(DTYPE)
+    window_kv = torch.randn(B, L, D, generator=gen).to(DTYPE)
+    compressed = torch.randn(B, N, D, generator=gen).to(DTYPE) if N else None
+    topk = random_topk(gen, B, 1, N, k, (positions + 1) // ratio) if k else None
+    sink = torch.randn(H, generator=gen)
+    args = (q, window_kv, positions, compressed, topk, ratio, sink, D ** -0.5, window)
+    ref = attention_reference(*args)
+    dev = [a.to(DEVICE) if isinstance(a, torch.Tensor) else a for a in args]
+    out = torch.full_like(dev[0], float("nan"))
+    out = da.sparse_attention_decode(*dev, out=out, **kwargs)
+    assert not out.isnan().any()
+    assert rel_err(out.cpu(), ref) < TOL
+    with kernels.use("triton"):  # the seam routes S == 1 here
+        assert rel_err(kernels.sparse_attention(*dev).cpu(), ref) < TOL
+
+
 # ------------------------------------------------------------------------------------------ FP8 records
 def test_fp8_record_roundtrip_and_size():
     flash = preset("flash")
@@ -154,15 +187,18 @@ def test_paged_fp8_decode_ragged_batch():
             topk = torch.stack([random_topk(gen, 1, 1, max(int(n_comp.max()), 1), config.index_topk,
                                             n_comp[i:i + 1].cpu())[0] for i in range(len(slots))]).to(DEVICE)
         zeros = torch.zeros(len(slots), dtype=torch.int32, device=DEVICE)
-        out = sa.attend(q, pos, sink, D ** -0.5, W, cache.window_source(layer, slots), zeros, zeros, win_ring=W,
-                        comp=cache.entry_source(layer, slots) if r else None, n_comp=n_comp,
-                        max_comp=int(n_comp.max()), topk=topk, ratio=max(r, 1), rope_dim=rd, n_split=2)
+        args = (q, pos, sink, D ** -0.5, W, cache.window_source(layer, slots), zeros, zeros)
+        kw = dict(win_ring=W, comp=cache.entry_source(layer, slots) if r else None, n_comp=n_comp,
+                  max_comp=int(n_comp.max()), topk=topk, ratio=max(r, 1), rope_dim=rd)
+        outs = [sa.attend(*args, **kw, n_split=2), da.attend_decode(*args, **kw, chunk=16),
+                da.attend_decode(*args, **kw, chunk=32, block_dv=32)]  # decode kernel, value dims split too
         for i, n in enumerate(lengths):
             win, ent = (fp8_kv.fake_quantize(t.float(), rd).to(DTYPE).cpu() for t in truth[i][layer])
             ref = attention_reference(q[i:i + 1].cpu(), win[None, -(W - 1) - 1:], torch.tensor([n - 1]),
                                       ent[None] if r else None, topk[i:i + 1].cpu() if topk is not None else None,
                                       max(r, 1), sink.cpu(), D ** -0.5, W)
-            assert rel_err(out[i:i + 1].cpu(), ref) < TOL, (layer, i)
+            for out in outs:
+                assert rel_err(out[i:i + 1].cpu(), ref) < TOL, (layer, i)
 
 
 def test_paged_cache_bytes_match_analyser_and_info():
@@ -220,6 +256,70 @@ def test_indexer_topk_matches_reference(case):
         score = lambda idx: torch.einsum("bshd,bnd->bshn", q, keys).relu().mul(w[..., None]).sum(2).gather(
             -1, idx.clamp(min=0))
         torch.testing.assert_close(score(out.cpu()), score(ref), atol=1e-3, rtol=1e-3)
+
+
+# B, Hi, Di, N, k, integer-valued, lengths, positions, kwargs
+INDEXER_DECODE_CASES = {
+    "ties": (2, 2, 16, 37, 5, True, None, None, {}),
+    "many_tiles": (2, 4, 16, 300, 20, False, None, None, dict(tile=64, block_n=16)),
+    "ragged": (3, 3, 24, 200, 50, True, [200, 120, 7], [900, 300, 100], dict(tile=32, block_n=16)),
+    "topk_gt_entries": (1, 2, 16, 10, 20, False, None, None, {}),
+    "fallback_cap": (2, 2, 16, 200, 30, True, None, None, dict(tile=32, block_n=16, cap=16)),
+    "fallback_sort": (2, 2, 16, 200, 30, True, None, None, dict(tile=32, block_n=16, sort=32)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(INDEXER_DECODE_CASES))
+def test_indexer_decode_matches_reference(case):
+    """Fused score + histogram top-k for one query per row: same indices in the same order as the stable sort
+    (integer-valued inputs make many exact ties), the exact fallbacks (candidate list or sort overflow) too."""
+    B, Hi, Di, N, k, integer, lengths, positions, kwargs = INDEXER_DECODE_CASES[case]
+    gen = torch.Generator().manual_seed(5)
+    draw = ((lambda *s: torch.randint(-2, 3, s, generator=gen).float()) if integer
+            else (lambda *s: torch.randn(*s, generator=gen)))
+    q, keys, w = draw(B, Hi, Di), draw(B, N, Di), draw(B, Hi)
+    lengths = torch.full((B,), N) if lengths is None else torch.tensor(lengths)
+    positions = torch.full((B,), 4 * N + 1) if positions is None else torch.tensor(positions)
+    ref = ixd.reference(q, w, keys, positions, 4, k, lengths)
+    out = ixd.indexer_topk_decode(q.to(DEVICE), w.to(DEVICE), ixd.dense_keys(keys.to(DEVICE)),
+                                  positions.int().to(DEVICE), lengths.int().to(DEVICE), 4, k, N, **kwargs)
+    assert torch.equal(out.cpu(), ref)
+
+
+def test_indexer_decode_all_equal_scores():
+    """Every score equal (zero queries): the lowest indices win, in index order."""
+    q, keys, w = torch.zeros(2, 2, 16), torch.randn(2, 100, 16), torch.ones(2, 2)
+    pos, n = torch.full((2,), 999, dtype=torch.int32), torch.full((2,), 100, dtype=torch.int32)
+    out = ixd.indexer_topk_decode(q.to(DEVICE), w.to(DEVICE), ixd.dense_keys(keys.to(DEVICE)), pos.to(DEVICE),
+                                  n.to(DEVICE), 4, 9, 100, tile=32, block_n=16)
+    assert torch.equal(out.cpu(), torch.arange(9).expand(2, 9))
+
+
+def test_indexer_decode_paged_fp8_keys_and_seam():
+    """FP8 E4M3 keys with a per-key fp32 scale (the paged cache's 132-B record) behind a shuffled block table;
+    power-of-two scales keep the scores exact. And the seam's S == 1 route against the chunked kernel's reference."""
+    gen = torch.Generator().manual_seed(9)
+    B, Hi, Di, N, bs = 2, 4, 16, 48, 8
+    vals = torch.randint(-3, 4, (B, N, Di), generator=gen).float()
+    scale = torch.exp2(torch.randint(-2, 3, (B, N), generator=gen).float())
+    blocks = torch.randperm(B * N // bs, generator=gen).int().view(B, N // bs)
+    main = torch.empty(B * N, Di, dtype=torch.float8_e4m3fn)
+    kscale = torch.empty(B * N)
+    rows = (blocks[..., None].long() * bs + torch.arange(bs)).view(B, N)
+    main[rows.flatten()] = vals.view(-1, Di).to(torch.float8_e4m3fn)
+    kscale[rows.flatten()] = scale.flatten()
+    q, w = torch.randint(-2, 3, (B, Hi, Di), generator=gen).float(), torch.randint(-2, 3, (B, Hi), generator=gen).float()
+    pos = torch.tensor([4 * N + 3, 4 * 30 + 1])  # second row sees 30 of its 48 entries
+    lengths = torch.full((B,), N)
+    ref = ixd.reference(q, w, vals * scale[..., None], pos, 4, 12, lengths)
+    src = ixd.KeySource(main=main.to(DEVICE), table=blocks.to(DEVICE), block_size=bs, scale=kscale.to(DEVICE))
+    out = ixd.indexer_topk_decode(q.to(DEVICE), w.to(DEVICE), src, pos.int().to(DEVICE), lengths.int().to(DEVICE), 4,
+                                  12, N, tile=16, block_n=16)
+    assert torch.equal(out.cpu(), ref)
+    q1, w1, keys = q[:, None], w[:, None], vals * scale[..., None]
+    with kernels.use("triton"):
+        got = kernels.index_topk(q1.to(DEVICE), w1.to(DEVICE), keys.to(DEVICE), pos[:1].to(DEVICE), 4, 12)
+    assert torch.equal(got.cpu(), ix.reference(q1, w1, keys, pos[:1], 4, 12))
 
 
 def test_indexer_reference_is_the_models():

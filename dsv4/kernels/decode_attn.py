@@ -11,7 +11,7 @@ once per dim, and a merge that visited the splits one after another. Here:
                      and the value dims [dv, dv + BLOCK_DV); logits use all D dims. FP8 records (`fp8_kv`)
                      are dequantised in the kernel with one scale load per 64 dims. It writes the partial
                      softmax state (running max m, denominator l, unnormalised output) in fp32.
-  `_merge_kernel`    grid (B, H, D / BLOCK_DM): loads every split of one head in one go (no serial loop over
+  `_merge_kernel`    grid (B, heads, D / BLOCK_DM): loads every split of its heads in one go (no serial loop over
                      splits), adds the sink to the denominator (§2.3: logit sink_h, zero value), normalises.
 
 The reference is `dsv4.attention.sparse_attention`; `attend_decode` takes the arguments of
@@ -139,22 +139,25 @@ def _partial_kernel(ZERO, Q, sqb, sqh, POS,
 
 @triton.jit
 def _merge_kernel(PO, PM, PL, SINK, O, sob, soh, NSPLIT, H,
-                  D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DM: tl.constexpr):
+                  D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_HM: tl.constexpr,
+                  BLOCK_DM: tl.constexpr):
     b = tl.program_id(0)
-    h = tl.program_id(1)
+    h = tl.program_id(1) * BLOCK_HM + tl.arange(0, BLOCK_HM)
     d = tl.program_id(2) * BLOCK_DM + tl.arange(0, BLOCK_DM)
     sp = tl.arange(0, BLOCK_S)
-    sm = sp < NSPLIT
-    base = (b * NSPLIT + sp) * H + h
-    pm = tl.load(PM + base, mask=sm, other=NEG)
-    pl = tl.load(PL + base, mask=sm, other=0.0)
-    po = tl.load(PO + base[:, None] * BLOCK_D + d[None, :], mask=sm[:, None], other=0.0)  # (BLOCK_S, BLOCK_DM)
-    sink = tl.load(SINK + h).to(tl.float32) * 1.4426950408889634
-    m = tl.maximum(tl.max(pm, 0), sink)
-    w = tl.exp2(pm - m)
+    hm = h < H
+    sm = sp[:, None] < NSPLIT
+    base = (b * NSPLIT + sp[:, None]) * H + h[None, :]  # (BLOCK_S, BLOCK_HM)
+    pm = tl.load(PM + base, mask=sm & hm[None, :], other=NEG)
+    pl = tl.load(PL + base, mask=sm & hm[None, :], other=0.0)
+    po = tl.load(PO + base[:, :, None] * BLOCK_D + d[None, None, :], mask=(sm & hm[None, :])[:, :, None], other=0.0)
+    sink = tl.load(SINK + h, mask=hm, other=0.0).to(tl.float32) * 1.4426950408889634
+    m = tl.maximum(tl.max(pm, 0), sink)  # (BLOCK_HM,)
+    w = tl.exp2(pm - m[None, :])
     denom = tl.sum(w * pl, 0) + tl.exp2(sink - m)
-    o = tl.sum(w[:, None] * po, 0) / denom
-    tl.store(O + b * sob + h * soh + d, o.to(O.dtype.element_ty), mask=d < D)
+    o = tl.sum(w[:, :, None] * po, 0) / denom[:, None]  # (BLOCK_HM, BLOCK_DM)
+    tl.store(O + b * sob + h[:, None] * soh + d[None, :], o.to(O.dtype.element_ty),
+             mask=hm[:, None] & (d < D)[None, :])
 
 
 def _pow2(x: int) -> int:
@@ -185,8 +188,8 @@ def attend_decode(q: torch.Tensor, positions: torch.Tensor, sink: torch.Tensor, 
         comp, n_comp = win, win_lo  # placeholders of the right types; never read
     n_keys = 0 if mode == 0 else (topk.shape[-1] if mode == 2 else max_comp)
     programs_per_split = B * triton.cdiv(H, BLOCK_H) * (BLOCK_D // BLOCK_DV)
-    if chunk is None:
-        want = max(1, triton.cdiv(2 * _num_sms(q.device), programs_per_split))
+    if chunk is None:  # in the CPU interpreter programs run one after another: splitting only adds work
+        want = max(1, triton.cdiv(2 * _num_sms(q.device), programs_per_split)) if q.is_cuda else 1
         chunk = triton.cdiv(max(n_keys, 1), want)
     chunk = triton.cdiv(max(chunk, BLOCK_N), BLOCK_N) * BLOCK_N
     w_chunk = min(chunk, triton.cdiv(min(window, 64), BLOCK_N) * BLOCK_N)
@@ -207,10 +210,12 @@ def attend_decode(q: torch.Tensor, positions: torch.Tensor, sink: torch.Tensor, 
         W_CHUNK=w_chunk, W_FP8=win.fp8, C_FP8=comp.fp8, W_RING=win_ring, MODE=mode,
         PREC="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps, num_stages=num_stages)
     BLOCK_S = _pow2(n_split)
-    BLOCK_DM = max(16, min(BLOCK_D, 8192 // BLOCK_S))  # <= 32 KB of partials per merge program
-    _merge_kernel[(B, H, BLOCK_D // BLOCK_DM)](
+    # One head per merge program on the GPU (parallelism), all heads in the interpreter (fewer programs).
+    BLOCK_HM = 1 if q.is_cuda else _pow2(H)
+    BLOCK_DM = max(16, min(BLOCK_D, 8192 // (BLOCK_S * BLOCK_HM))) if q.is_cuda else BLOCK_D  # <= 32 KB a program
+    _merge_kernel[(B, triton.cdiv(H, BLOCK_HM), BLOCK_D // BLOCK_DM)](
         po, pm, pl, sink, out, out.stride(0), out.stride(2), n_split, H,
-        D=D, BLOCK_D=BLOCK_D, BLOCK_S=BLOCK_S, BLOCK_DM=BLOCK_DM, num_warps=4)
+        D=D, BLOCK_D=BLOCK_D, BLOCK_S=BLOCK_S, BLOCK_HM=BLOCK_HM, BLOCK_DM=BLOCK_DM, num_warps=4)
     return out
 
 
