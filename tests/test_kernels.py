@@ -297,7 +297,7 @@ def test_indexer_decode_all_equal_scores():
 
 def test_indexer_decode_paged_fp8_keys_and_seam():
     """FP8 E4M3 keys with a per-key fp32 scale (the paged cache's 132-B record) behind a shuffled block table;
-    power-of-two scales keep the scores exact. And the seam's S == 1 route against the chunked kernel's reference."""
+    power-of-two scales keep the scores exact. And the dense adapter and the seam against the chunked reference."""
     gen = torch.Generator().manual_seed(9)
     B, Hi, Di, N, bs = 2, 4, 16, 48, 8
     vals = torch.randint(-3, 4, (B, N, Di), generator=gen).float()
@@ -317,6 +317,8 @@ def test_indexer_decode_paged_fp8_keys_and_seam():
                                   12, N, tile=16, block_n=16)
     assert torch.equal(out.cpu(), ref)
     q1, w1, keys = q[:, None], w[:, None], vals * scale[..., None]
+    got = ixd.indexer_topk_dense(q1.to(DEVICE), w1.to(DEVICE), keys.to(DEVICE), pos[:1].to(DEVICE), 4, 12)
+    assert torch.equal(got.cpu(), ix.reference(q1, w1, keys, pos[:1], 4, 12))
     with kernels.use("triton"):
         got = kernels.index_topk(q1.to(DEVICE), w1.to(DEVICE), keys.to(DEVICE), pos[:1].to(DEVICE), 4, 12)
     assert torch.equal(got.cpu(), ix.reference(q1, w1, keys, pos[:1], 4, 12))

@@ -26,7 +26,7 @@ import triton.language as tl
 
 from .sparse_attn import LOG2E, KVSource, _num_sms, _row_of, dense_source, reference  # noqa: F401
 
-NEG = -1e30  # "no key yet": finite, so exp2(NEG - m) is 0 without inf - inf
+NEG = tl.constexpr(-1e30)  # "no key yet": finite, so exp2(NEG - m) is 0 without inf - inf
 
 
 @triton.jit

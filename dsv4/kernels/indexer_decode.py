@@ -32,7 +32,7 @@ import triton.language as tl
 from .sparse_attn import _num_sms, _row_of
 
 NBINS = 4096  # 12 bits per histogram level
-INT64_MIN = -(1 << 63)
+INT64_MIN = tl.constexpr(-(1 << 63))
 
 
 @dataclass
