@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import kernels
 from .cache import CompressorState
 from .config import Config
 from .hooks import fake_quant_fp4
@@ -110,6 +111,8 @@ class Indexer(nn.Module):
         head_w = self.weights_proj(x).float() * self.n_heads ** -0.5  # (B, S, Hi)
         visible = visible_entries(positions, self.ratio)  # (S,)
         k = min(self.topk, N)
+        if not return_scores and kernels.use_triton(q):  # fused scoring + top-k (same tie rule)
+            return kernels.index_topk(q, head_w, keys, positions, self.ratio, self.topk)
         # Scores are (B, chunk, Hi, N) before the head sum: chunk the queries to bound memory.
         chunk = S if return_scores else max(1, score_budget // max(1, B * self.n_heads * N))
         out, all_scores = [], []
