@@ -111,8 +111,10 @@ class MoE(nn.Module):
         P = (scores / scores.sum(-1, keepdim=True)).unflatten(0, (rows, -1)).mean(dim=1)
         step.balance_loss[self.layer_id] = (f * P).sum(-1)  # (rows,)
 
-    def routed(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, fp4: bool = False) -> torch.Tensor:
-        """Sum over each token's chosen experts; tokens are grouped by expert so each expert runs once."""
+    def routed(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, fp4: bool = False,
+               owned: range | None = None) -> torch.Tensor:
+        """Sum over each token's chosen experts; tokens are grouped by expert so each expert runs once.
+        `owned`: run only these experts (expert parallelism: each rank owns a range, dsv4.train.parallel)."""
         out = torch.zeros_like(x)
         flat_expert = indices.reshape(-1)
         order = flat_expert.argsort(stable=True)
@@ -121,7 +123,8 @@ class MoE(nn.Module):
         weight_of = weights.reshape(-1)[order]
         start = 0
         for e, count in enumerate(counts):
-            if count == 0:
+            if count == 0 or (owned is not None and e not in owned):
+                start += count
                 continue
             tokens = token_of[start:start + count]
             y = self.experts[e](x[tokens], fp4) * weight_of[start:start + count, None].to(x.dtype)

@@ -26,6 +26,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from dsv4.moe import MoE
+
 
 def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
@@ -188,19 +190,6 @@ def _expert_parallel_routed(self, x: torch.Tensor, weights: torch.Tensor, indice
         ids = [torch.empty_like(indices) for _ in range(par.world)]
         dist.all_gather(ids, indices.contiguous())
         ids = torch.cat(ids)
-        out = torch.zeros_like(xs)
-        flat = ids.reshape(-1)
-        order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=self.n_experts).tolist()
-        token_of = order // ids.shape[-1]
-        weight_of = ws.reshape(-1)[order]
-        start = sum(counts[:lo])
-        for e in range(lo, hi):
-            count = counts[e]
-            if count:
-                tokens = token_of[start:start + count]
-                y = self.experts[e](xs[tokens], fp4) * weight_of[start:start + count, None].to(x.dtype)
-                out = out.index_add(0, tokens, y)
-            start += count
+        out = MoE.routed(self, xs, ws, ids, fp4, owned=range(lo, hi))
         out = dnn.all_reduce(out)
     return out[par.rank * N:(par.rank + 1) * N]
