@@ -261,8 +261,7 @@ def create_app(engine, tokenizer, model_name: str, api_key: str | None = None, d
                 while True:
                     ev = await q.get()
                     if ev.finish_reason == "error":
-                        yield {"error": {"message": f"generation failed: {ev.error}", "type": "server_error",
-                                         "param": None, "code": "generation_error"}}
+                        yield _generation_error(ev)
                         return
                     parsed = parser.feed(ev.text) if ev.text else []
                     if ev.finished:
@@ -344,8 +343,7 @@ def create_app(engine, tokenizer, model_name: str, api_key: str | None = None, d
                 while True:
                     ev = await q.get()
                     if ev.finish_reason == "error":
-                        yield {"error": {"message": f"generation failed: {ev.error}", "type": "server_error",
-                                         "param": None, "code": "generation_error"}}
+                        yield _generation_error(ev)
                         return
                     lp = legacy_logprobs([ev], offset)
                     offset += len(ev.text)
@@ -429,3 +427,9 @@ def _prometheus(stats: dict, http_errors: dict[int, int]) -> str:
     for status, n in sorted(http_errors.items()):
         metric("dsv4_http_errors_total", "counter", "error responses by status", n, f'{{status="{status}"}}')
     return "\n".join(lines) + "\n"
+
+
+def _generation_error(ev) -> dict:
+    """The stream chunk that reports an engine failure in the middle of a streamed response."""
+    return {"error": {"message": f"generation failed: {ev.error}", "type": "server_error", "param": None,
+                      "code": "generation_error"}}
