@@ -102,7 +102,7 @@ def test_fused_derotation():
 DECODE_CASES = {
     "csa_holes_and_splits": (2, 20, 64, 40, 37, 4, 8, 9, dict(chunk=16)),  # 20 heads: a ragged head block
     "csa_topk_gt_entries": (1, 4, 32, 3, 7, 4, 8, 5, {}),
-    "csa_value_split": (2, 4, 64, 30, 12, 4, 8, 9, dict(block_dv=32, chunk=16)),
+    "csa_wide_blocks": (2, 4, 64, 30, 12, 4, 8, 9, dict(block_n=64, chunk=16)),  # block > chunk: masked tail
     "hca_many_splits": (3, 4, 32, 70, None, 2, 8, 7, dict(chunk=16)),
     "window_only": (1, 4, 48, 0, None, 4, 8, 5, {}),
 }
@@ -191,7 +191,7 @@ def test_paged_fp8_decode_ragged_batch():
         kw = dict(win_ring=W, comp=cache.entry_source(layer, slots) if r else None, n_comp=n_comp,
                   max_comp=int(n_comp.max()), topk=topk, ratio=max(r, 1), rope_dim=rd)
         outs = [sa.attend(*args, **kw, n_split=2), da.attend_decode(*args, **kw, chunk=16),
-                da.attend_decode(*args, **kw, chunk=32, block_dv=32)]  # decode kernel, value dims split too
+                da.attend_decode(*args, **kw, chunk=32, block_n=32, block_h=32)]  # decode kernel, wider tiles
         for i, n in enumerate(lengths):
             win, ent = (fp8_kv.fake_quantize(t.float(), rd).to(DTYPE).cpu() for t in truth[i][layer])
             ref = attention_reference(q[i:i + 1].cpu(), win[None, -(W - 1) - 1:], torch.tensor([n - 1]),
@@ -199,6 +199,39 @@ def test_paged_fp8_decode_ragged_batch():
                                       max(r, 1), sink.cpu(), D ** -0.5, W)
             for out in outs:
                 assert rel_err(out[i:i + 1].cpu(), ref) < TOL, (layer, i)
+
+
+def _fp8_source(x: torch.Tensor, rope_dim: int):
+    """(B, L, D) -> (KVSource over FP8 records in row-major blocks of L, what the kernel must see: dequantised)."""
+    B, L, D = x.shape
+    rec = fp8_kv.pack(*fp8_kv.quantize(x.reshape(B * L, D).float(), rope_dim))
+    nope, rope, scale = fp8_kv.views(rec.to(DEVICE), D, rope_dim)
+    table = torch.arange(B, dtype=torch.int32, device=DEVICE)[:, None]
+    return (sa.KVSource(main=nope, rope=rope, scale=scale, table=table, block_size=L),
+            fp8_kv.fake_quantize(x.float(), rope_dim).to(DTYPE))
+
+
+@pytest.mark.parametrize("D,rope", [(160, 32), (128, 16)])  # E4M3 dims: two full scale groups / 64 + 48
+def test_decode_fp8_records_split_operands(D, rope):
+    """FP8 records whose E4M3 part spans several 64-dim scale groups (a partial last one too), the RoPE dims
+    as the second dot operand: HCA and CSA decode vs the reference on the dequantised rows."""
+    gen = torch.Generator().manual_seed(D)
+    B, H, N, W, L = 2, 4, 37, 8, 8
+    win_x, comp_x = torch.randn(B, L, D, generator=gen), torch.randn(B, N, D, generator=gen) * 3
+    win, win_ref = _fp8_source(win_x, rope)
+    comp, comp_ref = _fp8_source(comp_x, rope)
+    q = torch.randn(B, 1, H, D, generator=gen).to(DTYPE)
+    sink = torch.randn(H, generator=gen)
+    pos = torch.tensor([4 * N + 1])
+    p32 = pos.int().to(DEVICE).expand(B, 1).contiguous()
+    pos0 = (p32[:, 0] - (L - 1)).contiguous()
+    n_comp = torch.full((B,), N, dtype=torch.int32, device=DEVICE)
+    for topk in (None, random_topk(gen, B, 1, N, 11, torch.tensor([N]))):
+        ref = attention_reference(q, win_ref, pos, comp_ref, topk, 4, sink, D ** -0.5, W)
+        out = da.attend_decode(q.to(DEVICE), p32, sink.to(DEVICE), D ** -0.5, W, win, pos0, pos0, comp=comp,
+                               n_comp=n_comp, max_comp=N, topk=None if topk is None else topk.int().to(DEVICE),
+                               ratio=4, rope_dim=rope, chunk=16)
+        assert rel_err(out.cpu(), ref) < TOL
 
 
 def test_paged_cache_bytes_match_analyser_and_info():

@@ -5,12 +5,14 @@ Why a kernel of its own: in decode a layer's work is tiny (CSA: 128 window + 512
 context on latency: a few programs walking 4-8 dependent 512-wide iterations each, FP8 scales gathered
 once per dim, and a merge that visited the splits one after another. Here:
 
-  `_partial_kernel`  grid (splits, head blocks x value slices, B). A split owns CHUNK consecutive keys of
-                     one source (window splits first, then compressed: the indexer's top-k for CSA, or every
-                     finished entry for HCA), BLOCK_H query heads (MQA: the heads are the M of both matmuls)
-                     and the value dims [dv, dv + BLOCK_DV); logits use all D dims. FP8 records (`fp8_kv`)
-                     are dequantised in the kernel with one scale load per 64 dims. It writes the partial
-                     softmax state (running max m, denominator l, unnormalised output) in fp32.
+  `_partial_kernel`  grid (splits, head blocks, B). A split owns CHUNK consecutive keys of one source (window
+                     splits first, then compressed: the indexer's top-k for CSA, or every finished entry for
+                     HCA) and BLOCK_H query heads (MQA: the heads are the M of both matmuls). A key is two
+                     dot operands, as the FP8 record (`fp8_kv`) stores it: the E4M3 dims, dequantised to the
+                     model dtype with one scale load per 64 dims, and the BF16 RoPE dims; logits = q.k + qr.kr
+                     and the value product goes to two accumulators, so no key is ever assembled from both
+                     halves. Row loads carry their alignment (8 bytes for records) and vectorise. It writes
+                     the partial softmax state (running max m, denominator l, unnormalised output) in fp32.
   `_merge_kernel`    grid (B, heads, D / BLOCK_DM): loads every split of its heads in one go (no serial loop over
                      splits), adds the sink to the denominator (§2.3: logit sink_h, zero value), normalises.
 
@@ -29,46 +31,72 @@ from .sparse_attn import LOG2E, KVSource, _num_sms, _row_of, dense_source, refer
 NEG = tl.constexpr(-1e30)  # "no key yet": finite, so exp2(NEG - m) is 0 without inf - inf
 
 
-@triton.jit
-def _load_keys(X, XR, XS, s0, sr, ss, rows, valid, d0, BLOCK_N: tl.constexpr, WIDTH: tl.constexpr,
-               G: tl.constexpr, D: tl.constexpr, NOPE: tl.constexpr, FP8: tl.constexpr, dtype: tl.constexpr):
-    """Dims [d0, d0 + WIDTH) of `rows` -> (BLOCK_N, WIDTH) in `dtype`, zero outside D / invalid rows.
+def _align(t: torch.Tensor) -> int:
+    """Largest power of two (<= 16 bytes), in elements, dividing every row start of `t`: the alignment
+    promise behind the kernel's vector loads (584-byte FP8 records: 8 bytes)."""
+    e = t.element_size()
+    a = 16
+    while a > e and (t.data_ptr() % a or (t.stride(0) * e) % a):
+        a //= 2
+    return max(1, a // e)
 
-    Dims are viewed as (WIDTH / G) groups of G (G divides 64, the FP8 scale block), so an FP8 row costs one
-    scale load per group, not per dim."""
-    r = rows[:, None, None].to(tl.int64)
-    v = valid[:, None, None]
-    g = d0 + tl.arange(0, WIDTH // G)[None, :, None] * G  # (1, NG, 1) first dim of each group
-    d = g + tl.arange(0, G)[None, None, :]  # (1, NG, G)
+
+@triton.jit
+def _load_kv(X, XR, XS, s0, sr, ss, rows, valid, ALIGN: tl.constexpr, RALIGN: tl.constexpr,
+             BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, NOPE: tl.constexpr, RD: tl.constexpr,
+             ROPE: tl.constexpr, GS: tl.constexpr, FP8: tl.constexpr, dtype: tl.constexpr):
+    """`rows` -> the two dot operands: k (BLOCK_N, BLOCK_M) = dims [0, NOPE), kr (BLOCK_N, RD) = [NOPE, NOPE + ROPE),
+    zero past them and on invalid rows, in `dtype`.
+
+    FP8 records: the E4M3 part is viewed as (BLOCK_N, groups of GS dims) so each group costs one UE8M0 scale
+    load; E4M3 -> dtype and x 2^(e - 127) are exact (4 significant bits, a power of two). RoPE dims are BF16
+    in their own slot. Dense rows: one load each for [0, NOPE) and [NOPE, NOPE + ROPE). Row offsets carry the
+    host-checked alignment (`_align`) so the loads vectorise (8-byte loads of the 8-byte-aligned records)."""
+    ro = tl.multiple_of(rows * s0, ALIGN)
+    v = valid[:, None]
     if FP8:
-        x = tl.load(X + r * s0 + d, mask=v & (d < NOPE), other=0.0).to(tl.float32)
-        e = tl.load(XS + r * ss + g // 64, mask=v & (g < NOPE), other=127).to(tl.float32)  # (BN, NG, 1)
-        x = x * tl.exp2(e - 127.0)
-        rope = tl.load(XR + r * sr + (d - NOPE), mask=v & (d >= NOPE) & (d < D), other=0.0).to(tl.float32)
-        k = tl.where(d < NOPE, x, rope)
+        g = tl.arange(0, BLOCK_M // GS)[None, :]  # (1, NG) group
+        d = g[:, :, None] * GS + tl.arange(0, GS)[None, None, :]  # (1, NG, GS) dim
+        x = tl.load(X + ro[:, None, None] + d, mask=v[:, :, None] & (d < NOPE), other=0.0)
+        e = tl.load(XS + rows[:, None] * ss + (g * GS) // 64, mask=v & (g * GS < NOPE), other=127)
+        sc = (e.to(tl.int32) << 23).to(tl.float32, bitcast=True).to(dtype)  # 2^(e - 127), exactly
+        k = tl.reshape(x.to(dtype) * sc[:, :, None], (BLOCK_N, BLOCK_M))
     else:
-        k = tl.load(X + r * s0 + d, mask=v & (d < D), other=0.0)
-    return tl.reshape(k, (BLOCK_N, WIDTH)).to(dtype)
+        dm = tl.arange(0, BLOCK_M)[None, :]
+        k = tl.load(X + ro[:, None] + dm, mask=v & (dm < NOPE), other=0.0).to(dtype)
+    if RD > 0:
+        dr = tl.arange(0, RD)[None, :]
+        if FP8:
+            rr = tl.multiple_of(rows * sr, RALIGN)
+            kr = tl.load(XR + rr[:, None] + dr, mask=v & (dr < ROPE), other=0.0).to(dtype)
+        else:
+            kr = tl.load(X + ro[:, None] + NOPE + dr, mask=v & (dr < ROPE), other=0.0).to(dtype)
+    else:
+        kr = k
+    return k, kr
 
 
 @triton.jit
-def _step(q, X, XR, XS, s0, sr, ss, rows, valid, dv0, m_i, l_i, acc, qk_scale,
-          BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
-          NOPE: tl.constexpr, FP8: tl.constexpr, PREC: tl.constexpr):
-    """One block of BLOCK_N keys folded into the online softmax of (BLOCK_H heads, BLOCK_DV value dims)."""
-    k = _load_keys(X, XR, XS, s0, sr, ss, rows, valid, 0, BLOCK_N, BLOCK_D, G, D, NOPE, FP8, q.dtype)
-    logits = tl.dot(q, tl.trans(k), input_precision=PREC).to(tl.float32) * qk_scale  # (BH, BN), base 2
-    logits = tl.where(valid[None, :], logits, float("-inf"))
+def _step(q, qr, X, XR, XS, s0, sr, ss, rows, valid, m_i, l_i, acc, acc_r, qk_scale, ALIGN: tl.constexpr,
+          RALIGN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, NOPE: tl.constexpr, RD: tl.constexpr,
+          ROPE: tl.constexpr, GS: tl.constexpr, FP8: tl.constexpr, PREC: tl.constexpr):
+    """One block of BLOCK_N keys folded into the online softmax of BLOCK_H heads: logits = q.k + qr.kr, and
+    the value product into the two accumulators acc (dims < NOPE) and acc_r (the RoPE dims)."""
+    k, kr = _load_kv(X, XR, XS, s0, sr, ss, rows, valid, ALIGN, RALIGN, BLOCK_N, BLOCK_M, NOPE, RD, ROPE, GS, FP8,
+                     q.dtype)
+    logits = tl.dot(q, tl.trans(k), input_precision=PREC)
+    if RD > 0:
+        logits = tl.dot(qr, tl.trans(kr), logits, input_precision=PREC)
+    logits = tl.where(valid[None, :], logits * qk_scale, float("-inf"))  # (BH, BN), base 2
     m_new = tl.maximum(m_i, tl.max(logits, 1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(logits - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    if BLOCK_DV == BLOCK_D:
-        v = k
-    else:  # this program's value slice of the same rows (an L1 hit)
-        v = _load_keys(X, XR, XS, s0, sr, ss, rows, valid, dv0, BLOCK_N, BLOCK_DV, G, D, NOPE, FP8, q.dtype)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC).to(tl.float32)
-    return m_new, l_i, acc
+    p = p.to(k.dtype)
+    acc = tl.dot(p, k, acc * alpha[:, None], input_precision=PREC)
+    if RD > 0:
+        acc_r = tl.dot(p, kr, acc_r * alpha[:, None], input_precision=PREC)
+    return m_new, l_i, acc, acc_r
 
 
 @triton.jit(do_not_specialize=["ZERO"])
@@ -77,23 +105,30 @@ def _partial_kernel(ZERO, Q, sqb, sqh, POS,
                     C, CR, CS, sc0, scr, scs, CT, sct, CBS, NC,
                     TOPK, stb, K,
                     PO, PM, PL, NSPLIT, H, qk_scale, window, ratio, W_SPLITS,
-                    D: tl.constexpr, NOPE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr, G: tl.constexpr, CHUNK: tl.constexpr,
-                    W_CHUNK: tl.constexpr, W_FP8: tl.constexpr, C_FP8: tl.constexpr, W_RING: tl.constexpr,
-                    MODE: tl.constexpr, PREC: tl.constexpr):
+                    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, NOPE: tl.constexpr, RD: tl.constexpr,
+                    ROPE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, GS: tl.constexpr,
+                    CHUNK: tl.constexpr, W_CHUNK: tl.constexpr, W_FP8: tl.constexpr, C_FP8: tl.constexpr,
+                    W_ALIGN: tl.constexpr, W_RALIGN: tl.constexpr, C_ALIGN: tl.constexpr, C_RALIGN: tl.constexpr,
+                    W_RING: tl.constexpr, MODE: tl.constexpr, PREC: tl.constexpr):
     split = tl.program_id(0)
-    n_hb = tl.cdiv(H, BLOCK_H)
-    hb = tl.program_id(1) % n_hb
-    dv0 = (tl.program_id(1) // n_hb) * BLOCK_DV
+    hb = tl.program_id(1)
     b = tl.program_id(2)
     pos = tl.load(POS + b)
     h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
     hm = h < H
-    d = tl.arange(0, BLOCK_D)
-    q = tl.load(Q + b * sqb + h[:, None] * sqh + d[None, :], mask=hm[:, None] & (d < D)[None, :], other=0.0)
+    dm = tl.arange(0, BLOCK_M)
+    q = tl.load(Q + b * sqb + h[:, None] * sqh + dm[None, :], mask=hm[:, None] & (dm < NOPE)[None, :], other=0.0)
     m_i = tl.full([BLOCK_H], NEG, tl.float32)
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_H, BLOCK_DV], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_M], dtype=tl.float32)
+    if RD > 0:
+        dr = tl.arange(0, RD)
+        qr = tl.load(Q + b * sqb + h[:, None] * sqh + NOPE + dr[None, :], mask=hm[:, None] & (dr < ROPE)[None, :],
+                     other=0.0)
+        acc_r = tl.zeros([BLOCK_H, RD], dtype=tl.float32)
+    else:  # no RoPE operand: placeholders of fixed type, never used
+        qr = q
+        acc_r = acc
     if split < W_SPLITS:  # window: positions lo .. pos, W_CHUNK of them per split
         lo = tl.maximum(pos - window + 1, tl.load(WLO + b))
         start = lo + split * W_CHUNK
@@ -107,8 +142,8 @@ def _partial_kernel(ZERO, Q, sqb, sqh, POS,
             else:
                 li = t - pos0
             rows = _row_of(WT, swt, WBS, b, li, valid, ZERO)
-            m_i, l_i, acc = _step(q, W, WR, WS, sw0, swr, sws, rows, valid, dv0, m_i, l_i, acc, qk_scale,
-                                  BLOCK_N, BLOCK_D, BLOCK_DV, G, D, NOPE, W_FP8, PREC)
+            m_i, l_i, acc, acc_r = _step(q, qr, W, WR, WS, sw0, swr, sws, rows, valid, m_i, l_i, acc, acc_r, qk_scale,
+                                         W_ALIGN, W_RALIGN, BLOCK_N, BLOCK_M, NOPE, RD, ROPE, GS, W_FP8, PREC)
     elif MODE > 0:  # compressed: HCA every finished entry (MODE 1), CSA the top-k list (MODE 2)
         nc = tl.load(NC + b)
         if MODE == 1:
@@ -127,14 +162,15 @@ def _partial_kernel(ZERO, Q, sqb, sqh, POS,
             else:
                 li = j
             rows = _row_of(CT, sct, CBS, b, li, valid, ZERO)
-            m_i, l_i, acc = _step(q, C, CR, CS, sc0, scr, scs, rows, valid, dv0, m_i, l_i, acc, qk_scale,
-                                  BLOCK_N, BLOCK_D, BLOCK_DV, G, D, NOPE, C_FP8, PREC)
+            m_i, l_i, acc, acc_r = _step(q, qr, C, CR, CS, sc0, scr, scs, rows, valid, m_i, l_i, acc, acc_r, qk_scale,
+                                         C_ALIGN, C_RALIGN, BLOCK_N, BLOCK_M, NOPE, RD, ROPE, GS, C_FP8, PREC)
     base = (b * NSPLIT + split) * H + h  # (BH,) rows of the (B, NSPLIT, H) partial state
-    dv = dv0 + tl.arange(0, BLOCK_DV)
-    tl.store(PO + base[:, None] * BLOCK_D + dv[None, :], acc, mask=hm[:, None])
-    first = hm & ((h * 0 + dv0) == 0)  # one value slice writes m and l
-    tl.store(PM + base, m_i, mask=first)
-    tl.store(PL + base, l_i, mask=first)
+    po = PO + base[:, None] * BLOCK_D
+    tl.store(po + dm[None, :], acc, mask=hm[:, None] & (dm < NOPE)[None, :])
+    if RD > 0:
+        tl.store(po + NOPE + dr[None, :], acc_r, mask=hm[:, None] & (dr < ROPE)[None, :])
+    tl.store(PM + base, m_i, mask=hm)
+    tl.store(PL + base, l_i, mask=hm)
 
 
 @triton.jit
@@ -168,26 +204,29 @@ def attend_decode(q: torch.Tensor, positions: torch.Tensor, sink: torch.Tensor, 
                   win: KVSource, win_pos0: torch.Tensor, win_lo: torch.Tensor, win_ring: int = 0,
                   comp: KVSource | None = None, n_comp: torch.Tensor | None = None, max_comp: int = 0,
                   topk: torch.Tensor | None = None, ratio: int = 1, rope_dim: int = 0, chunk: int | None = None,
-                  block_h: int | None = None, block_dv: int | None = None, block_n: int | None = None,
-                  num_warps: int | None = None, num_stages: int = 2, out: torch.Tensor | None = None) -> torch.Tensor:
+                  block_h: int | None = None, block_n: int | None = None, num_warps: int | None = None,
+                  num_stages: int = 2, out: torch.Tensor | None = None) -> torch.Tensor:
     """`sparse_attn.attend` for one query per sequence: q (B, 1, H, D), positions (B, 1) int32.
 
     Sources, `win_pos0` / `win_lo` / `win_ring`, `n_comp` / `max_comp` and `topk` (B, 1, k) (CSA; None = HCA)
-    mean what they mean there. Tiles: `block_h` heads and `block_dv` value dims per program, `chunk`
+    mean what they mean there. Tiles: `block_h` heads per program, `block_n` keys per step, `chunk`
     compressed keys per split (default: enough splits for ~2 programs per SM)."""
     B, S, H, D = q.shape
     assert S == 1 and q.stride(-1) == 1, "decode path: one query per sequence (use sparse_attn.attend)"
     BLOCK_D = _pow2(D)
     BLOCK_H = block_h or 16  # 16-head tiles: 1.7x faster than 32 for decode (results/tune_decode_h100.jsonl)
-    BLOCK_DV = min(block_dv or BLOCK_D, BLOCK_D)
     BLOCK_N = block_n or (32 if D > 256 else 16)
-    G = min(64, BLOCK_D, BLOCK_DV)
     num_warps = num_warps or 4
     mode = 0 if comp is None else (2 if topk is not None else 1)
     if comp is None:
         comp, n_comp = win, win_lo  # placeholders of the right types; never read
+    # FP8 records split each key into the E4M3 dims [0, nope) and the BF16 RoPE dims: two dot operands.
+    nope = D - rope_dim if (win.fp8 or comp.fp8) else D
+    BLOCK_M = max(16, _pow2(nope))
+    RD = max(16, _pow2(D - nope)) if D > nope else 0
+    GS = min(64, BLOCK_M)  # dims per scale load (the FP8 scale block is 64)
     n_keys = 0 if mode == 0 else (topk.shape[-1] if mode == 2 else max_comp)
-    programs_per_split = B * triton.cdiv(H, BLOCK_H) * (BLOCK_D // BLOCK_DV)
+    programs_per_split = B * triton.cdiv(H, BLOCK_H)
     if chunk is None:  # in the CPU interpreter programs run one after another: splitting only adds work
         want = max(1, triton.cdiv(2 * _num_sms(q.device), programs_per_split)) if q.is_cuda else 1
         chunk = triton.cdiv(max(n_keys, 1), want)
@@ -200,14 +239,15 @@ def attend_decode(q: torch.Tensor, positions: torch.Tensor, sink: torch.Tensor, 
     pl = torch.empty_like(pm)
     out = torch.empty_like(q) if out is None else out
     tk = topk if topk is not None else positions
-    nope = D - rope_dim if (win.fp8 or comp.fp8) else D
+    aligns = [(_align(s.main), _align(s.rope) if s.fp8 else 1) for s in (win, comp)]
     _partial_kernel[(n_split, programs_per_split // B, B)](
         0, q, q.stride(0), q.stride(2), positions,
         *win.args(), win_pos0, win_lo, *comp.args(), n_comp,
         tk, tk.stride(0), n_keys if mode == 2 else 0,
         po, pm, pl, n_split, H, scale * LOG2E, window, ratio, w_splits,
-        D=D, NOPE=nope, BLOCK_D=BLOCK_D, BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N, BLOCK_DV=BLOCK_DV, G=G, CHUNK=chunk,
-        W_CHUNK=w_chunk, W_FP8=win.fp8, C_FP8=comp.fp8, W_RING=win_ring, MODE=mode,
+        BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, NOPE=nope, RD=RD, ROPE=D - nope, BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N, GS=GS,
+        CHUNK=chunk, W_CHUNK=w_chunk, W_FP8=win.fp8, C_FP8=comp.fp8, W_ALIGN=aligns[0][0], W_RALIGN=aligns[0][1],
+        C_ALIGN=aligns[1][0], C_RALIGN=aligns[1][1], W_RING=win_ring, MODE=mode,
         PREC="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps, num_stages=num_stages)
     BLOCK_S = _pow2(n_split)
     # One head per merge program on the GPU (parallelism), all heads in the interpreter (fewer programs).
