@@ -5,7 +5,8 @@ Loading streams one tensor at a time from memory-mapped safetensors files (singl
 its size in RAM. Official FP8 / FP4 weights are dequantised with their scales on the way in
 (`dsv4.quant`). Anything that does not match the config fails with a `CheckpointError` that lists the
 missing, unexpected and mis-shaped tensors. Saving is atomic: files are written to a temporary folder
-which replaces the target only when complete.
+which replaces the target only when complete. A model trained over a compact vocabulary carries its
+`vocab_map.json` in the folder; `dsv4.tokenizer.tokenizer_for(folder)` gives the tokenizer that matches.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from .errors import CheckpointError
 from .model import Transformer, keeps_fp32
 from .quant import (FP4_BLOCK, FP8_BLOCK, _FP4_STORAGE, _SCALE_SUFFIXES, dequantize_fp4,
                     dequantize_fp8_blockwise, quantize_state_dict)
+from .tokenizer import VOCAB_MAP_NAME, VocabMap
 
 INDEX_NAME = "model.safetensors.index.json"
 
@@ -121,6 +123,14 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32, device
         raise CheckpointError(f"checkpoint folder {path} does not exist")
     if config is None:
         config = Config.from_json(path)
+    if (path / VOCAB_MAP_NAME).is_file():
+        try:
+            n = len(VocabMap.load(path / VOCAB_MAP_NAME))
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
+        if n != config.vocab_size:
+            raise CheckpointError(f"{path / VOCAB_MAP_NAME} maps {n} ids but config.json has vocab_size "
+                                  f"{config.vocab_size}; the map belongs to another checkpoint")
     reader = _Reader(_tensor_files(path))
     hf_layout = is_hf_layout(reader.files)
     if hf_layout and config.num_nextn_predict_layers:
@@ -168,13 +178,16 @@ def _shards(sd: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch
 
 
 def save_checkpoint(model: Transformer, path: str | Path, layout: str = "official", quantize: bool = False,
-                    max_shard_bytes: int = 4 << 30) -> Path:
+                    max_shard_bytes: int = 4 << 30, vocab_map: VocabMap | None = None) -> Path:
     """Write `model` to the folder `path` (replaced atomically) as safetensors + config.json.
 
     layout="official": official key names and config keys; `quantize=True` writes the release's FP8 / FP4
     packed weights with scales. layout="transformers": what `DeepseekV4ForCausalLM.save_pretrained`
-    writes (MTP weights have no place there and are left out).
+    writes (MTP weights have no place there and are left out). `vocab_map`: the compact vocabulary the
+    model was trained over, written as vocab_map.json (`dsv4.tokenizer.tokenizer_for` reads it back).
     """
+    if vocab_map is not None and len(vocab_map) != model.config.vocab_size:
+        raise ValueError(f"vocab map has {len(vocab_map)} ids, the model's vocabulary {model.config.vocab_size}")
     if layout not in ("official", "transformers"):
         raise ValueError(f"layout must be 'official' or 'transformers', got {layout!r}")
     path = Path(path)
@@ -203,6 +216,8 @@ def save_checkpoint(model: Transformer, path: str | Path, layout: str = "officia
         (tmp / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
                                                  indent=2))
     (tmp / "config.json").write_text(json.dumps(config_dict, indent=2) + "\n")
+    if vocab_map is not None:
+        vocab_map.save(tmp / VOCAB_MAP_NAME)
     if path.exists():
         old = path.parent / f".{path.name}.old-{os.getpid()}"
         path.rename(old)

@@ -45,13 +45,13 @@ def cmd_info(args) -> int:
 def cmd_generate(args) -> int:
     from .checkpoint import load
     from .generate import SamplingParams, stream
-    from .tokenizer import load_tokenizer
+    from .tokenizer import tokenizer_for
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load(args.model, dtype=_dtype(args.dtype) if args.dtype else None, device=device, seed=args.seed)
     if not Path(args.model).exists():
         print(f"[dsv4] '{args.model}' is a preset: random weights, the output is noise.", file=sys.stderr)
-    tok = load_tokenizer()
+    tok = tokenizer_for(args.model)  # with the checkpoint's compact vocabulary, if it has one
     if model.config.vocab_size < tok.vocab_size:
         print(f"[dsv4] model vocabulary ({model.config.vocab_size}) is smaller than the tokenizer's "
               f"({tok.vocab_size}); out-of-range prompt tokens are folded into it.", file=sys.stderr)

@@ -46,14 +46,14 @@ def build_engine(args):
 
     from ..checkpoint import load
     from ..engine import Engine, EngineConfig
-    from ..tokenizer import load_tokenizer
+    from ..tokenizer import tokenizer_for
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype] if args.dtype else None
     model = load(args.model, dtype=dtype, device=device, seed=args.seed)
     if not Path(args.model).exists():
         print(f"[dsv4] '{args.model}' is a preset: random weights, the output is noise.", file=sys.stderr)
-    tok = load_tokenizer()
+    tok = tokenizer_for(args.model)
     gib = 1 << 30
     cfg = EngineConfig(max_batch=args.max_batch, prefill_chunk=args.prefill_chunk,
                        kv_budget_bytes=None if args.kv_budget_gib is None else int(args.kv_budget_gib * gib),

@@ -10,6 +10,9 @@ Recipe (report §3), scaled by the fields below:
             then "indexer_warmup" for `indexer_warmup_steps` (backbone frozen: only the indexer learns, from
             KL to the dense attention distribution), then "sparse" (CSA uses the indexer's top-k; the
             indexer keeps learning from the KL on detached inputs when `indexer_loss_in_sparse`)
+  vocab     `compact_vocab` = N > 0: the model's vocabulary is a `dsv4.tokenizer.VocabMap` of the training
+            corpus (N ids: chat special tokens, UNK, the most frequent ids), so a small model does not
+            spend most of its compute on a 129K-way head; the map travels in every checkpoint
 """
 
 from __future__ import annotations
@@ -22,8 +25,6 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import difflib
-
 from dsv4.config import Config, ConfigError, preset
 
 PHASES = ("dense", "indexer_warmup", "sparse")
@@ -35,6 +36,7 @@ class TrainConfig:
     model: str = "tiny"  # preset name or path to a model config.json
     model_overrides: dict = field(default_factory=dict)  # model Config fields to change, e.g. {"vocab_size": 512}
     data_weights: dict | None = None  # token share per corpus source (None: natural shares)
+    compact_vocab: int = 0  # > 0: model vocabulary = the N most frequent corpus ids + chat specials + UNK
     seed: int = 0  # model init and data order
     # --- length and batch
     steps: int = 200
@@ -98,6 +100,10 @@ class TrainConfig:
         starts = [int(e[0]) for e in sched]
         need(starts[0] == 0 and starts == sorted(set(starts)), "seq_len_schedule",
              f"steps must start at 0 and increase, got {starts}")
+        need(isinstance(self.compact_vocab, int) and (self.compact_vocab == 0 or self.compact_vocab >= 64),
+             "compact_vocab", f"0 (off) or a vocabulary of at least 64 ids, got {self.compact_vocab!r}")
+        need(not (self.compact_vocab and "vocab_size" in self.model_overrides), "compact_vocab",
+             "sets the model's vocab_size; leave vocab_size out of model_overrides")
         need(self.spike_ratio > 1, "spike_ratio", "must be > 1")
         need(self.anticipatory_delay >= 1, "anticipatory_delay", "must be >= 1 (routing from Δt >= 1 steps before)")
         if self.batch_tokens:
@@ -133,7 +139,8 @@ class TrainConfig:
     def model_config(self) -> Config:
         path = Path(self.model)
         base = Config.from_json(path) if path.suffix == ".json" or path.is_dir() else preset(self.model)
-        return Config.from_dict({**base.to_dict(), **self.model_overrides}) if self.model_overrides else base
+        overrides = {**self.model_overrides, **({"vocab_size": self.compact_vocab} if self.compact_vocab else {})}
+        return Config.from_dict({**base.to_dict(), **overrides}) if overrides else base
 
     # ------------------------------------------------------------------ io
     def to_dict(self) -> dict:

@@ -4,6 +4,7 @@ Run folder (`out`):
   metrics.jsonl                 one JSON object per step: step, loss, lr, tokens, seq_len, phase, ...
   loss.png                      the loss curve (training loss, validation loss when measured)
   checkpoints/step_NNNNNNN/     model.safetensors + config.json (loadable by `dsv4 generate`),
+                                vocab_map.json (with `compact_vocab`: the model's vocabulary),
                                 train_config.json, train_state.pt (optimizer, data position, RNG, recipe
                                 state; one file per rank when data parallel). Each is written to a
                                 temporary folder and renamed into place; the last `keep_checkpoints` stay.
@@ -29,13 +30,14 @@ from dsv4.errors import CheckpointError
 from dsv4.hooks import TrainStep
 from dsv4.model import Transformer
 from dsv4.optim import build_optimizer
+from dsv4.tokenizer import VOCAB_MAP_NAME, VocabMap
 from dsv4.train.config import TrainConfig
 from dsv4.train.data import IGNORE_INDEX, DataLoader
 from dsv4.train.recipe import RouterHistory, SpikeDetector, forward_losses, update_router_bias
 
 # Train-config fields that must match a checkpoint to resume it: they fix the model, the data order and the
 # optimizer state's meaning. The others (steps, LR, intervals, ...) may change between runs.
-RESUME_MUST_MATCH = ("model", "model_overrides", "seed", "data_weights", "optimizer")
+RESUME_MUST_MATCH = ("model", "model_overrides", "compact_vocab", "seed", "data_weights", "optimizer")
 
 
 class CheckpointMismatch(CheckpointError):
@@ -73,6 +75,10 @@ class Trainer:
             docs = docs if docs is not None else tokenize_corpus("train", tokenizer=tok)
             val_docs = val_docs if val_docs is not None else tokenize_corpus("val", tokenizer=tok)
         bos, eos = (tok.bos_id, tok.eos_id) if tok is not None else (0, 1)
+        # The loaders yield official ids; `_local` maps them into the model's vocabulary.
+        self.vocab_map, self._oov_nats, self.vocab_info = None, None, {}
+        if cfg.compact_vocab:
+            self._build_vocab_map(docs, val_docs, tok or load_tokenizer())
         self.loader = DataLoader(docs, cfg.batch_size_at(0), cfg.seq_len_at(0), bos, eos, cfg.data_weights, cfg.seed)
         self._val = (val_docs, bos, eos)
         self.spikes = SpikeDetector(cfg.spike_ratio, cfg.spike_warmup, cfg.spike_ema, cfg.anticipatory_steps)
@@ -95,19 +101,46 @@ class Trainer:
         return CombinedOptimizer({"adamw": adamw})
 
     # ------------------------------------------------------------------ data
-    def _fold(self, t: torch.Tensor) -> torch.Tensor:
-        """Token ids folded into a model vocabulary smaller than the tokenizer's (tiny test models)."""
+    def _build_vocab_map(self, docs: dict, val_docs: dict, tok) -> None:
+        """The compact vocabulary of the training split (`compact_vocab` ids: the chat format's special tokens,
+        UNK, the most frequent ids), and for each official id outside it the nats a full-vocabulary model
+        would add on top of P(UNK): -log q(id), q = the training split's add-one unigram over those ids. So
+        `val_loss_full` (= val_loss + those nats on UNK targets) is a loss over all 129K ids, comparable to a
+        run without the map."""
+        from dsv4.chat import SPECIAL_TOKENS
+
+        V = tok.vocab_size
+        specials = [tok.bos_id, tok.eos_id] + [tok.token_to_id(t) for t in SPECIAL_TOKENS]
+        counts = torch.zeros(V, dtype=torch.long)
+        for d in (d for v in docs.values() for d in v):
+            counts += torch.bincount(torch.as_tensor(d).long(), minlength=V)
+        self.vocab_map = vmap = VocabMap.from_counts(counts, self.config.compact_vocab, specials)
+        outside = ~vmap.contains(torch.arange(V))
+        q = (counts + 1).double() * outside
+        self._oov_nats = torch.where(outside, -(q / q.sum()).log(), 0.0)
+        val = torch.cat([torch.as_tensor(d).long() for v in val_docs.values() for d in v] or [torch.zeros(0).long()])
+        self.vocab_info = {"size": len(vmap), "train_unk_share": float(counts[outside].sum() / counts.sum()),
+                           "val_unk_share": float(outside[val].double().mean()) if len(val) else float("nan")}
+
+    def _model_ids(self, t: torch.Tensor) -> torch.Tensor:
+        """Official token ids -> the model's vocabulary: through the compact map, or folded into a vocabulary
+        smaller than the tokenizer's (tiny test models). Negative labels (ignored positions) stay."""
+        if self.vocab_map is not None:
+            return self.vocab_map.to_compact(t)
         V = self.model_config.vocab_size
         return torch.where(t >= 0, t % V, t)
 
-    def _local(self, batch: dict) -> dict:
-        """This rank's rows of the global batch, on the device, ids folded into the vocabulary."""
+    def _my_rows(self, batch: dict) -> slice:
         B = batch["input_ids"].shape[0]
         if B % self.world:
             raise ValueError(f"batch of {B} rows does not split over {self.world} ranks")
         n = B // self.world
-        rows = slice(self.rank * n, (self.rank + 1) * n)
-        return {k: (self._fold(v[rows]) if k in ("input_ids", "labels") else v[rows]).to(self.device)
+        return slice(self.rank * n, (self.rank + 1) * n)
+
+    def _local(self, batch: dict) -> dict:
+        """This rank's rows of the global batch, on the device, ids mapped into the model's vocabulary."""
+        rows = self._my_rows(batch)
+        return {k: (self._model_ids(v[rows]) if k in ("input_ids", "labels") else v[rows]).to(self.device)
                 for k, v in batch.items()}
 
     def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
@@ -180,9 +213,13 @@ class Trainer:
             is_indexer = ".indexer." in name
             p.requires_grad_(phase == "sparse" or (phase == "indexer_warmup") == is_indexer)
 
-    @torch.no_grad()
     def evaluate(self) -> float:
         """Mean next-token loss over `eval_batches` fixed validation batches at the current length."""
+        return self._evaluate()[0]
+
+    @torch.no_grad()
+    def _evaluate(self) -> tuple[float, float | None]:
+        """(validation loss, the same over the full official vocabulary, or None without a compact map)."""
         cfg = self.config
         docs, bos, eos = self._val
         loader = DataLoader(docs, cfg.batch_size_at(self.step) if self.world == 1 else self.world
@@ -190,16 +227,21 @@ class Trainer:
                             cfg.seq_len_at(max(0, self.step - 1)), bos, eos, None, seed=1234)
         phase = cfg.phase_at(max(0, self.step - 1))
         self.model.eval()
-        total = torch.zeros(2, dtype=torch.float64, device=self.device)
+        total = torch.zeros(3, dtype=torch.float64, device=self.device)
         for _ in range(cfg.eval_batches):
-            b = self._local(next(loader))
+            raw = next(loader)
+            b = self._local(raw)
             ts = TrainStep(attention="sparse" if phase == "sparse" else "dense",
                            fp4_experts=cfg.fp4_experts, fp4_indexer=cfg.fp4_indexer)
             parts = forward_losses(self.model, b["input_ids"], b["labels"], b["doc_ids"], ts, with_mtp=False)
-            total += torch.tensor([float(parts.lm_sum), parts.lm_count], dtype=torch.float64, device=self.device)
+            labels = raw["labels"][self._my_rows(raw)]
+            oov = float(self._oov_nats[labels[labels >= 0]].sum()) if self.vocab_map is not None else 0.0
+            total += torch.tensor([float(parts.lm_sum), parts.lm_count, oov], dtype=torch.float64,
+                                  device=self.device)
         total = self._all_reduce(total)
         self.model.train()
-        return float(total[0] / total[1].clamp(min=1))
+        n = total[1].clamp(min=1)
+        return float(total[0] / n), (float((total[0] + total[2]) / n) if self.vocab_map is not None else None)
 
     # ------------------------------------------------------------------ run
     def run(self, steps: int | None = None, progress: bool = True, on_step=None,
@@ -222,7 +264,9 @@ class Trainer:
             if out_of_time:
                 total = self.step
             if cfg.eval_every and self.step % cfg.eval_every == 0 or self.step == total:
-                rec["val_loss"] = self.evaluate()
+                rec["val_loss"], full = self._evaluate()
+                if full is not None:
+                    rec["val_loss_full"] = full
             records.append(rec)
             if self.rank == 0:
                 with open(self.out / "metrics.jsonl", "a") as f:
@@ -259,7 +303,7 @@ class Trainer:
         sd = self._full_state_dict()
         if self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-            _StateOnly(self.model_config, sd).save(tmp)
+            _StateOnly(self.model_config, sd, self.vocab_map).save(tmp)
             (tmp / "train_config.json").write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
         self._barrier()
         state = {"step": self.step, "tokens": self.tokens, "optimizer": self.optimizer.state_dict(),
@@ -327,7 +371,12 @@ class Trainer:
         diff = [f"{k}: checkpoint {saved_model.get(k)!r} != config {mine[k]!r}" for k in mine
                 if saved_model.get(k) != mine[k]]
         diff += [f"{k}: checkpoint {saved_train.get(k)!r} != config {getattr(self.config, k)!r}"
-                 for k in RESUME_MUST_MATCH if saved_train.get(k) != getattr(self.config, k)]
+                 for k in RESUME_MUST_MATCH if saved_train.get(k, 0 if k == "compact_vocab" else None)
+                 != getattr(self.config, k)]
+        saved_map = VocabMap.load(path / VOCAB_MAP_NAME) if (path / VOCAB_MAP_NAME).is_file() else None
+        if not diff and saved_map != self.vocab_map:
+            diff.append(f"{VOCAB_MAP_NAME}: the checkpoint's compact vocabulary differs from the one built from "
+                        "this run's training data (did the corpus change?)")
         if diff:
             raise CheckpointMismatch(
                 f"cannot resume from {path}: the config does not match the checkpoint:\n  " + "\n  ".join(diff)
@@ -337,14 +386,14 @@ class Trainer:
 class _StateOnly:
     """Adapter so `dsv4.checkpoint.save_checkpoint` writes a (gathered) state dict with its config."""
 
-    def __init__(self, config, sd: dict):
-        self.config, self._sd = config, sd
+    def __init__(self, config, sd: dict, vocab_map: VocabMap | None = None):
+        self.config, self._sd, self.vocab_map = config, sd, vocab_map
 
     def state_dict(self) -> dict:
         return self._sd
 
     def save(self, path: Path) -> None:
-        save_checkpoint(self, path)
+        save_checkpoint(self, path, vocab_map=self.vocab_map)
 
 
 def _atomic_torch_save(obj, path: Path) -> None:
