@@ -7,16 +7,20 @@ variant and are left out):
            scores + histogram top-k over ctx/4 FP8 indexer keys, `decode_attn`: flash-decoding over 512
            picked + 128 window FP8 records from the paged pool), alone and as one CUDA graph of the layer's
            step (indexer -> attention); hca: flash-decoding over ctx/128 FP8 records + window.
-           `legacy_*`: the general kernels (`sparse_attn.attend`, `indexer_topk` + torch.topk) in the same run
+           `legacy_*`: the general kernels (`sparse_attn.attend`, `indexer_topk` + torch.topk) in the same run;
+           `prev_*`: an earlier version of the decode kernels (`--prev DIR` holding `decode_attn_prev.py` /
+           `indexer_decode_prev.py`, e.g. `git show REV:dsv4/kernels/decode_attn.py`), also in the same run
   prefill  gqa8: causal SDPA over ctx tokens; csa / hca: the same kernels over all ctx queries in chunks
-Usage: python benchmarks/attention.py [--ctx 8K,32K,...] [--prefill-max 128K] [--csa-prefill-1m]
+Usage: python benchmarks/attention.py [--ctx 8K,32K,...] [--prefill-max 128K] [--csa-prefill-1m] [--prev DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
+import os
 import sys
 import time
 
@@ -36,6 +40,19 @@ H100_PEAK = {"bf16_tflops": 989.0, "hbm_gbps": 3350.0}  # SXM5 dense datasheet f
 H, D, RD, TOPK, WIN, HI, DI = 64, 512, 64, 512, 128, 64, 128
 GQA_HQ, GQA_HK, GQA_D = 64, 8, 128
 DEV = "cuda"
+PREV: dict = {}  # module name -> an earlier version of it (`load_prev`)
+
+
+def load_prev(dirname: str) -> dict:
+    """Earlier copies of the decode kernel modules (`<name>_prev.py`), imported inside dsv4.kernels."""
+    mods = {}
+    for name in ("decode_attn", "indexer_decode"):
+        path = os.path.join(dirname, f"{name}_prev.py")
+        if os.path.exists(path):
+            spec = importlib.util.spec_from_file_location(f"dsv4.kernels._prev_{name}", path)
+            mods[name] = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(mods[name])
+    return mods
 
 
 def emit(**rec):
@@ -130,25 +147,38 @@ def indexer_fn(x, ctx, **kw):
                                        ctx // 4, ws=x["ws"], **kw)
 
 
-def v4_decode(ctx, batch=1, legacy=True):
+def v4_decode(ctx, batch=1, legacy=True, tuned=None):
+    """`tuned`: {"hca" | "csa" | "indexer": kwargs} for the new kernels (`tune_decode_kernels`' best at 1M)."""
+    tuned = tuned or {}
     x = decode_inputs(ctx, batch)
     n4, n128 = ctx // 4, ctx // 128
     out = {}
     csa_bytes, hca_bytes = batch * (WIN + TOPK) * 584, batch * (WIN + n128) * 584
     idx_bytes = batch * n4 * (DI + 4 + 4 + 4)  # FP8 key + scale, score written and read back
-    out["csa"] = ms = bench_graph(attn_fn(x, ctx, 4))
+    out["csa"] = ms = bench_graph(attn_fn(x, ctx, 4, **tuned.get("csa", {})))
     emit(case="csa_decode_attn", ctx=ctx, batch=batch, ms=ms, bytes=csa_bytes, flops=batch * 4 * H * D * (WIN + TOPK))
-    out["csa_indexer"] = ms = bench_graph(indexer_fn(x, ctx))
+    out["csa_indexer"] = ms = bench_graph(indexer_fn(x, ctx, **tuned.get("indexer", {})))
     emit(case="csa_decode_indexer", ctx=ctx, batch=batch, ms=ms, bytes=idx_bytes, flops=batch * 2 * HI * DI * n4,
          keys="fp8+scale (132 B)")
-    step_idx = indexer_fn(x, ctx)
+    step_idx = indexer_fn(x, ctx, **tuned.get("indexer", {}))
     B = batch
-    step = lambda: attn_fn(x, ctx, 4, topk=step_idx().view(B, 1, TOPK))()
+    step = lambda: attn_fn(x, ctx, 4, topk=step_idx().view(B, 1, TOPK), **tuned.get("csa", {}))()
     out["csa_step"] = ms = bench_graph(step)
     emit(case="csa_decode_step", ctx=ctx, batch=batch, ms=ms, bytes=csa_bytes + idx_bytes,
          note="indexer -> attention on its top-k, one CUDA graph")
-    out["hca"] = ms = bench_graph(attn_fn(x, ctx, 128))
+    out["hca"] = ms = bench_graph(attn_fn(x, ctx, 128, **tuned.get("hca", {})))
     emit(case="hca_decode_attn", ctx=ctx, batch=batch, ms=ms, bytes=hca_bytes, flops=batch * 4 * H * D * (WIN + n128))
+    if "decode_attn" in PREV:
+        out["prev_csa"] = ms = bench_graph(attn_fn(x, ctx, 4, kernel=PREV["decode_attn"].attend_decode))
+        emit(case="prev_csa_decode_attn", ctx=ctx, batch=batch, ms=ms, bytes=csa_bytes)
+        out["prev_hca"] = ms = bench_graph(attn_fn(x, ctx, 128, kernel=PREV["decode_attn"].attend_decode))
+        emit(case="prev_hca_decode_attn", ctx=ctx, batch=batch, ms=ms, bytes=hca_bytes)
+    if "indexer_decode" in PREV:
+        old = PREV["indexer_decode"]
+        ws = old.workspace(batch, DEV)
+        out["prev_csa_indexer"] = ms = bench_graph(lambda: old.indexer_topk_decode(
+            x["iq"], x["w"], old.KeySource(**vars(x["ikeys"])), x["pos"].view(B), x["n_comp"][4], 4, TOPK, n4, ws=ws))
+        emit(case="prev_csa_decode_indexer", ctx=ctx, batch=batch, ms=ms, bytes=idx_bytes, keys="fp8+scale (132 B)")
     if legacy:
         ms = bench_graph(attn_fn(x, ctx, 4, kernel=attend))
         emit(case="legacy_csa_decode_attn", ctx=ctx, batch=batch, ms=ms, bytes=csa_bytes)
@@ -157,12 +187,14 @@ def v4_decode(ctx, batch=1, legacy=True):
         ik = torch.randn(batch, n4, DI, device=DEV, dtype=torch.bfloat16)
         iq, w, p1 = x["iq"][:, None], x["w"][:, None], torch.tensor([ctx - 1], device=DEV)
         ms = bench_graph(lambda: indexer_topk(iq, w, ik, p1, 4, TOPK))
+        out["legacy_csa_indexer"] = ms
         emit(case="legacy_csa_decode_indexer", ctx=ctx, batch=batch, ms=ms, bytes=batch * n4 * (DI * 2 + 16),
              keys="bf16")
         ms = bench_graph(lambda: indexer_topk_decode(x["iq"], x["w"], KeySource(ik.view(-1, DI), torch.arange(
             batch, device=DEV, dtype=torch.int32)[:, None], n4), x["pos"].view(B), x["n_comp"][4], 4, TOPK, n4,
-            ws=x["ws"]))
-        emit(case="csa_decode_indexer_bf16keys", ctx=ctx, batch=batch, ms=ms, bytes=batch * n4 * (DI * 2 + 8))
+            ws=x["ws"], **tuned.get("indexer", {})))
+        emit(case="csa_decode_indexer_bf16keys", ctx=ctx, batch=batch, ms=ms, bytes=batch * n4 * (DI * 2 + 8),
+             note="the seam's decode path (dense model-dtype keys)")
         del ik
     return out
 
@@ -174,6 +206,10 @@ def check_decode(ctx=1 << 20):
     for ratio in (4, 128):
         a, b = attn_fn(x, ctx, ratio)(), attn_fn(x, ctx, ratio, kernel=attend)()
         emit(case="check_decode_attn", ctx=ctx, ratio=ratio, rel_err=((a.float() - b.float()).norm() / b.float().norm()).item())
+        if "decode_attn" in PREV:
+            c = attn_fn(x, ctx, ratio, kernel=PREV["decode_attn"].attend_decode)()
+            emit(case="check_decode_attn_vs_prev", ctx=ctx, ratio=ratio,
+                 rel_err=((a.float() - c.float()).norm() / c.float().norm()).item())
     got = indexer_fn(x, ctx)()
     src, n = x["ikeys"], ctx // 4
     rows = (src.table.long()[..., None] * src.block_size + torch.arange(src.block_size, device=DEV)).flatten(1)[:, :n]
@@ -181,33 +217,55 @@ def check_decode(ctx=1 << 20):
     want = ix_reference(x["iq"], x["w"], keys, x["pos"].view(-1), 4, TOPK)
     same_set = [len(set(g.tolist()) & set(w.tolist())) / TOPK for g, w in zip(got, want)]
     emit(case="check_decode_indexer", ctx=ctx, exact=bool(torch.equal(got, want)), set_overlap=same_set)
+    keys = keys.bfloat16()  # the seam's decode path: dense model-dtype keys
+    got = indexer_topk_decode(x["iq"], x["w"], KeySource(keys.view(-1, DI), torch.arange(
+        2, device=DEV, dtype=torch.int32)[:, None], n), x["pos"].view(-1), x["n_comp"][4], 4, TOPK, n)
+    want = ix_reference(x["iq"], x["w"], keys, x["pos"].view(-1), 4, TOPK)
+    emit(case="check_decode_indexer_bf16keys", ctx=ctx, exact=bool(torch.equal(got, want)),
+         set_overlap=[len(set(g.tolist()) & set(w.tolist())) / TOPK for g, w in zip(got, want)])
+    for scores in ("zero_query",):  # every score equal: the exact fallback (candidate list overflows)
+        iq = torch.zeros_like(x["iq"])
+        got = indexer_topk_decode(iq, x["w"], src, x["pos"].view(-1), x["n_comp"][4], 4, TOPK, n)
+        emit(case="check_decode_indexer_fallback", ctx=ctx, scores=scores,
+             exact=bool(torch.equal(got, torch.arange(TOPK, device=DEV).expand(2, TOPK))),
+             ms=bench_graph(lambda: indexer_topk_decode(iq, x["w"], src, x["pos"].view(-1), x["n_comp"][4], 4,
+                                                        TOPK, n), reps=3))
 
 
-def tune_decode_kernels(ctx=1 << 20):
-    """Tiles of the decode kernels at 1M: attention (HCA, CSA) and the indexer."""
+def tune_decode_kernels(ctx=1 << 20) -> dict:
+    """Tiles of the decode kernels at 1M: attention (HCA, CSA) and the indexer. Returns the fastest of each."""
     x = decode_inputs(ctx, 1)
-    attn = [(16, 512, None, 32, 4), (16, 512, 128, 32, 4), (16, 512, 256, 32, 4), (16, 512, 512, 32, 4),
-            (16, 512, 256, 16, 4), (16, 256, 256, 32, 4), (32, 256, 256, 32, 8), (64, 128, 256, 32, 8),
-            (64, 256, 256, 32, 8), (16, 512, 256, 32, 8)]
-    csa = [(16, 512, 32, 32, 4), (16, 512, 64, 32, 4), (16, 512, 128, 32, 4), (16, 256, 32, 32, 4),
-           (64, 128, 32, 32, 8), (64, 128, 64, 32, 8), (32, 256, 32, 32, 8), (16, 512, 32, 16, 4)]
-    for name, ratio, cfgs in (("hca", 128, attn), ("csa", 4, csa)):
-        for bh, bdv, chunk, bn, nw in cfgs:
+    best = {}
+
+    def keep(name, cfg, ms):
+        if name not in best or ms < best[name][1]:
+            best[name] = (cfg, ms)
+        return ms
+    hca = [(16, None, 32, 4, 2), (16, None, 64, 4, 2), (16, None, 64, 8, 2), (16, None, 32, 4, 3), (16, 64, 32, 4, 2),
+           (16, 128, 32, 4, 2), (16, 256, 64, 4, 2), (16, 128, 64, 8, 3), (16, None, 128, 8, 2), (32, None, 32, 8, 2),
+           (64, None, 32, 8, 2), (64, 128, 32, 8, 2), (64, 256, 64, 8, 2)]
+    csa = [(16, 32, 32, 4, 2), (16, 64, 32, 4, 2), (16, 64, 64, 4, 2), (16, 32, 16, 4, 2), (32, 32, 32, 8, 2),
+           (64, 64, 32, 8, 2), (64, 128, 64, 8, 2)]
+    for name, ratio, cfgs in (("hca", 128, hca), ("csa", 4, csa)):
+        for bh, chunk, bn, nw, ns in cfgs:
+            cfg = dict(block_h=bh, chunk=chunk, block_n=bn, num_warps=nw, num_stages=ns)
             try:
-                ms = bench_graph(attn_fn(x, ctx, ratio, block_h=bh, block_dv=bdv, chunk=chunk, block_n=bn, num_warps=nw))
-                emit(case=f"tune_{name}_decode_attn_1m", block_h=bh, block_dv=bdv, chunk=chunk, block_n=bn, warps=nw,
-                     ms=ms)
+                emit(case=f"tune_{name}_decode_attn_1m", **cfg, ms=keep(name, cfg, bench_graph(attn_fn(x, ctx, ratio, **cfg))))
             except Exception as e:
-                emit(case=f"tune_{name}_decode_attn_1m", block_h=bh, block_dv=bdv, chunk=chunk, block_n=bn,
-                     warps=nw, error=str(e)[:160])
-    for tile, bn, nw, ns in [(None, 128, 4, 3), (512, 128, 4, 3), (2048, 128, 4, 3), (1024, 64, 4, 3),
-                             (1024, 128, 8, 3), (1024, 128, 4, 2), (2048, 128, 8, 4), (4096, 128, 8, 3)]:
+                emit(case=f"tune_{name}_decode_attn_1m", **cfg, error=str(e)[:160])
+    for tile, bn, nw, ns, group in [(None, 128, 4, 3, None), (None, 64, 4, 3, None), (None, 128, 8, 3, None),
+                                    (512, 128, 4, 3, None), (2048, 128, 4, 3, None), (None, 128, 4, 2, None),
+                                    (None, 128, 4, 3, 32), (None, 256, 8, 3, None), (None, 64, 4, 4, None),
+                                    (4096, 128, 4, 3, None)]:
+        cfg = dict(tile=tile, block_n=bn, num_warps=nw, num_stages=ns, group=group)
         try:
-            ms = bench_graph(indexer_fn(x, ctx, tile=tile, block_n=bn, num_warps=nw, num_stages=ns))
-            emit(case="tune_csa_decode_indexer_1m", tile=tile, block_n=bn, warps=nw, stages=ns, ms=ms,
-                 bytes=(ctx // 4) * 140, gbps=(ctx // 4) * 140 / ms / 1e6)
+            ms = keep("indexer", cfg, bench_graph(indexer_fn(x, ctx, **cfg)))
+            emit(case="tune_csa_decode_indexer_1m", **cfg, ms=ms, bytes=(ctx // 4) * 140,
+                 gbps=(ctx // 4) * 140 / ms / 1e6)
         except Exception as e:
-            emit(case="tune_csa_decode_indexer_1m", tile=tile, block_n=bn, warps=nw, stages=ns, error=str(e)[:160])
+            emit(case="tune_csa_decode_indexer_1m", **cfg, error=str(e)[:160])
+    emit(case="tune_best_1m", **{k: dict(cfg, ms=ms) for k, (cfg, ms) in best.items()})
+    return {k: cfg for k, (cfg, _) in best.items()}
 
 
 def gqa_prefill(ctx):
@@ -327,8 +385,11 @@ def main(argv=None):
     ap.add_argument("--tune-decode", action="store_true", help="only: HCA decode at 1M, FP8 vs bf16 rows, tiles")
     ap.add_argument("--tune-decode-kernels", action="store_true", help="only: decode kernels' tiles at 1M")
     ap.add_argument("--decode-only", action="store_true", help="skip prefill")
+    ap.add_argument("--tuned", action="store_true", help="decode: run the 1M tile sweep first, time its best tiles")
     ap.add_argument("--check", action="store_true", help="only: full-size decode kernels vs references at 1M")
+    ap.add_argument("--prev", default="", help="folder of earlier decode kernel modules to time alongside")
     args = ap.parse_args(argv)
+    PREV.update(load_prev(args.prev) if args.prev else {})
     emit(case="device", name=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__)
     if args.tune:
         tune()
@@ -339,6 +400,7 @@ def main(argv=None):
     if args.tune_decode_kernels:
         tune_decode_kernels()
         return
+    tuned = tune_decode_kernels() if args.tuned else None
     if args.check:
         check_decode()
         return
@@ -352,11 +414,14 @@ def main(argv=None):
     pmax = parse_context(args.prefill_max)
     for ctx in ctxs:
         g = gqa_decode(ctx)
-        v = v4_decode(ctx)
+        v = v4_decode(ctx, tuned=tuned)
+        prev = {f"prev_{k}": g / v[f"prev_{k}"] for k in ("csa", "hca") if f"prev_{k}" in v}
+        if "prev_csa_indexer" in v:
+            prev["prev_csa_with_indexer"] = g / (v["prev_csa"] + v["prev_csa_indexer"])
         emit(case="decode_speedup", ctx=ctx, csa_attn=g / v["csa"], csa_with_indexer=g / (v["csa"] + v["csa_indexer"]),
-             csa_step=g / v["csa_step"], hca=g / v["hca"])
+             csa_step=g / v["csa_step"], hca=g / v["hca"], **prev)
         torch.cuda.empty_cache()
-    v4_decode(ctxs[-1], batch=8, legacy=False)
+    v4_decode(ctxs[-1], batch=8, legacy=False, tuned=tuned)
     if args.decode_only:
         return
     for ctx in ctxs:

@@ -298,14 +298,16 @@ INDEXER_DECODE_CASES = {
     "ragged": (3, 3, 24, 200, 50, True, [200, 120, 7], [900, 300, 100], dict(tile=32, block_n=16)),
     "topk_gt_entries": (1, 2, 16, 10, 20, False, None, None, {}),
     "fallback_cap": (2, 2, 16, 200, 30, True, None, None, dict(tile=32, block_n=16, cap=16)),
-    "fallback_sort": (2, 2, 16, 200, 30, True, None, None, dict(tile=32, block_n=16, sort=32)),
+    "groups_of_one": (2, 2, 16, 200, 30, True, None, None, dict(tile=32, block_n=16, group=1)),  # L = k-th score
+    "groups_of_16": (2, 3, 16, 300, 8, False, [300, 250], [1300, 1300], dict(tile=64, block_n=32, group=16)),
 }
 
 
 @pytest.mark.parametrize("case", sorted(INDEXER_DECODE_CASES))
 def test_indexer_decode_matches_reference(case):
-    """Fused score + histogram top-k for one query per row: same indices in the same order as the stable sort
-    (integer-valued inputs make many exact ties), the exact fallbacks (candidate list or sort overflow) too."""
+    """Fused score + threshold + rank top-k for one query per row: same indices in the same order as the stable
+    sort (integer-valued inputs make many exact ties), with group maxima of 1..16 keys and the exact fallback
+    (candidate list overflow) too."""
     B, Hi, Di, N, k, integer, lengths, positions, kwargs = INDEXER_DECODE_CASES[case]
     gen = torch.Generator().manual_seed(5)
     draw = ((lambda *s: torch.randint(-2, 3, s, generator=gen).float()) if integer

@@ -106,11 +106,13 @@ def index_topk(q, head_w, keys, positions, ratio, k):
     """Lightning-indexer top-k (§2.3.1 eqs. 13-17), the scoring of `dsv4.compressor.Indexer.forward`: q (B, S, Hi, Di)
     (RoPE'd), head_w (B, S, Hi) fp32 (already x Hi^-1/2), keys (B, N, Di), positions (S,) -> (B, S, min(k, N))
     indices best first, equal scores by lowest index, -1 where none. Named after the config key (`indexer_topk`
-    is the kernel module). The Triton path is the chunked scoring kernel + torch.topk for every S: the fused
-    decode kernel (`indexer_decode.indexer_topk_dense`) is exact but measured slower on dense bf16 keys on the
-    H100 (946 vs 208 µs at 1M, benchmarks/RESULTS.md), so it is opt-in until its score loop is fixed.
+    is the kernel module). On the Triton path one query (decode) takes the fused scoring + threshold + rank
+    kernel (`indexer_decode`, no torch.topk), several (prefill) the chunked scoring kernel + torch.topk.
     The reference lives beside the kernels, so this needs triton installed even when forced to "reference"."""
     if use_triton(q):
+        if q.shape[1] == 1:
+            from .indexer_decode import indexer_topk_dense
+            return indexer_topk_dense(q, head_w, keys, positions, ratio, k)
         from .indexer_topk import indexer_topk as fast
         return fast(q, head_w, keys, positions, ratio, k)
     from .indexer_topk import reference

@@ -26,19 +26,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .sparse_attn import LOG2E, KVSource, _num_sms, _row_of, dense_source, reference  # noqa: F401
+from .sparse_attn import LOG2E, KVSource, _align, _num_sms, _row_of, dense_source, reference  # noqa: F401
 
 NEG = tl.constexpr(-1e30)  # "no key yet": finite, so exp2(NEG - m) is 0 without inf - inf
-
-
-def _align(t: torch.Tensor) -> int:
-    """Largest power of two (<= 16 bytes), in elements, dividing every row start of `t`: the alignment
-    promise behind the kernel's vector loads (584-byte FP8 records: 8 bytes)."""
-    e = t.element_size()
-    a = 16
-    while a > e and (t.data_ptr() % a or (t.stride(0) * e) % a):
-        a //= 2
-    return max(1, a // e)
 
 
 @triton.jit
@@ -49,7 +39,7 @@ def _load_kv(X, XR, XS, s0, sr, ss, rows, valid, ALIGN: tl.constexpr, RALIGN: tl
     zero past them and on invalid rows, in `dtype`.
 
     FP8 records: the E4M3 part is viewed as (BLOCK_N, groups of GS dims) so each group costs one UE8M0 scale
-    load; E4M3 -> dtype and x 2^(e - 127) are exact (4 significant bits, a power of two). RoPE dims are BF16
+    load; E4M3 x 2^(e - 127) -> dtype is exact (4 significant bits times a power of two). RoPE dims are BF16
     in their own slot. Dense rows: one load each for [0, NOPE) and [NOPE, NOPE + ROPE). Row offsets carry the
     host-checked alignment (`_align`) so the loads vectorise (8-byte loads of the 8-byte-aligned records)."""
     ro = tl.multiple_of(rows * s0, ALIGN)
@@ -59,8 +49,8 @@ def _load_kv(X, XR, XS, s0, sr, ss, rows, valid, ALIGN: tl.constexpr, RALIGN: tl
         d = g[:, :, None] * GS + tl.arange(0, GS)[None, None, :]  # (1, NG, GS) dim
         x = tl.load(X + ro[:, None, None] + d, mask=v[:, :, None] & (d < NOPE), other=0.0)
         e = tl.load(XS + rows[:, None] * ss + (g * GS) // 64, mask=v & (g * GS < NOPE), other=127)
-        sc = (e.to(tl.int32) << 23).to(tl.float32, bitcast=True).to(dtype)  # 2^(e - 127), exactly
-        k = tl.reshape(x.to(dtype) * sc[:, :, None], (BLOCK_N, BLOCK_M))
+        sc = (e.to(tl.int32) << 23).to(tl.float32, bitcast=True)  # 2^(e - 127), exactly
+        k = tl.reshape((x.to(tl.float32) * sc[:, :, None]).to(dtype), (BLOCK_N, BLOCK_M))
     else:
         dm = tl.arange(0, BLOCK_M)[None, :]
         k = tl.load(X + ro[:, None] + dm, mask=v & (dm < NOPE), other=0.0).to(dtype)

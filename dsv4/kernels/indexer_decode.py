@@ -1,24 +1,27 @@
 """Lightning-indexer decode (§2.3.1 eqs. 13-17): one query per sequence scored against its N compressed keys
-and fused with an exact top-k, without 8-byte sort keys for all N or a torch.topk.
+and fused with an exact top-k, without 8-byte sort keys for all N, a histogram or a torch.topk.
 
 score(s) = c^-1/2 * sum_h w_h ReLU(q_h . K_s) over the finished entries s < min(len, (p + 1) // m); top-k
-best first, equal scores resolved to the lowest index (the reference's stable sort). Three launches:
+best first, equal scores resolved to the lowest index (the reference's stable sort). Scores are kept as
+their order-preserving int32 image (4 B a key); (image, 2^31 - 1 - index) as one int64 is a unique key
+whose order is the reference's. Four launches:
 
-  `_score_kernel`    grid (key tiles, B). Heads are the M of one matmul per BLOCK_N keys; FP8 keys are
-                     converted in the kernel and their per-key fp32 scale applied after the head sum
-                     (ReLU(s x) = s ReLU(x) for s > 0). Writes each score as its order-preserving int32
-                     image (4 B a key) and adds the tile's histogram of the top 12 bits (sign, exponent, 3
-                     mantissa bits) to the row's: one atomic per non-empty bin and tile, not per key.
-  `_collect_kernel`  same grid. Every program finds from the histogram the bin b1 holding the k-th best
-                     score, appends the keys of bins >= b1 (the winners above b1 plus all of b1) to a
-                     candidate list as unique 64-bit (score, 2^31 - 1 - index) keys, and histograms bin
-                     b1's next 12 bits.
-  `_select_kernel`   grid (B,). From both histograms: the 24-bit prefix P of the k-th best score. Keeps the
-                     candidates >= P (k plus what shares P's 24 bits), sorts them in registers, writes the
-                     first k indices; -1 past the visible entries. If the candidates overflow (thousands of
-                     scores equal in 24 bits, e.g. ReLU zeros) it finds the exact k-th key by bisection over
-                     all scores and takes its ties in index order: slow, still exact. It leaves the
-                     histograms and counter zeroed, so a kept `workspace` needs no memset per step.
+  `_score_kernel`      grid (key tiles, B). Per BLOCK_N keys one matmul with the keys as M and the heads as N
+                       (the head sum stays inside a row's threads), ReLU, weighted head sum; FP8 keys are
+                       converted in the kernel and their per-key fp32 scale applied after the sum
+                       (ReLU(s x) = s ReLU(x) for s > 0). Writes every score and the maximum of each group of
+                       G consecutive keys.
+  `_threshold_kernel`  grid (group blocks, B). L = the k-th largest group maximum: k distinct keys score >= L,
+                       so the k-th best score is >= L and every key of the top-k (ties included) scores >= L.
+                       Ranks are counted by comparison (a group maximum's rank = how many beat it), so no
+                       sort and no single-program pass. Fewer than k groups: L = -inf.
+  `_collect_kernel`    grid (key tiles, B). Appends the keys scoring >= L to a candidate list (one atomic per
+                       block that takes any): about k x (1 + a little) of them for G ~ N / 4k.
+  `_rank_kernel`       grid (candidate blocks, B). Each candidate's rank = how many candidates beat it; rank r < k
+                       writes its index to output slot r. Exact, parallel, O(candidates^2) compares. If the list
+                       overflows `cap` (thousands of equal scores, e.g. a zero query), one program finds the
+                       exact k-th key by bisection over all scores and sorts its k winners: slow, still exact.
+The score kernel also zeroes the candidate counter of the next launches, so a kept `workspace` needs no memset.
 """
 
 from __future__ import annotations
@@ -29,9 +32,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .sparse_attn import _num_sms, _row_of
+from .sparse_attn import _align, _num_sms, _row_of
 
-NBINS = 4096  # 12 bits per histogram level
+INT32_MIN = tl.constexpr(-(1 << 31))
 INT64_MIN = tl.constexpr(-(1 << 63))
 
 
@@ -77,110 +80,121 @@ def _order_key(s):
 
 
 @triton.jit
+def _unique(key, idx):
+    """(int32 order key, index) -> int64, larger = better score, then lower index."""
+    return (key.to(tl.int64) << 32) | (0x7FFFFFFF - idx).to(tl.int64)
+
+
+@triton.jit
 def _visible(LEN, POS, b, ratio):
     return tl.minimum(tl.load(LEN + b), (tl.load(POS + b) + 1) // ratio)
 
 
 @triton.jit
-def _threshold_bin(hist, need, NBINS: tl.constexpr):
-    """Highest bin whose suffix count reaches `need`, and the count strictly above it."""
-    i = tl.arange(0, NBINS)
-    suffix = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist  # keys in bins >= i
-    b = tl.sum((suffix >= need).to(tl.int32), 0) - 1
-    return b, tl.sum(tl.where(i > b, hist, 0), 0)
+def _rank_in(mine, X, n, CB: tl.constexpr):
+    """For each of `mine` (RB,) unique keys: how many of the n unique keys at X beat it."""
+    rank = tl.zeros(mine.shape, dtype=tl.int32)
+    for c0 in range(0, n, CB):
+        c = c0 + tl.arange(0, CB)
+        other = tl.load(X + c, mask=c < n, other=INT64_MIN)
+        rank += tl.sum((other[None, :] > mine[:, None]).to(tl.int32), 1)
+    return rank
 
 
 @triton.jit(do_not_specialize=["ZERO"])
-def _score_kernel(ZERO, Q, sqb, sqh, W, swb, K, sk0, KS, sks, T, st, BS, LEN, POS, ratio, SC, ssc, HIST,
+def _score_kernel(ZERO, Q, sqb, sqh, W, swb, K, sk0, KS, sks, T, st, BS, LEN, POS, ratio, SC, ssc, MX, smx, CNT,
                   score_scale, HI, DI: tl.constexpr, BLOCK_HI: tl.constexpr, BLOCK_DI: tl.constexpr,
-                  BLOCK_N: tl.constexpr, TILE: tl.constexpr, NBINS: tl.constexpr, KSCALE: tl.constexpr,
-                  PREC: tl.constexpr):
+                  BLOCK_N: tl.constexpr, TILE: tl.constexpr, G: tl.constexpr, KALIGN: tl.constexpr,
+                  KSCALE: tl.constexpr, PREC: tl.constexpr):
     tile = tl.program_id(0)
     b = tl.program_id(1)
+    if tile == 0:
+        tl.store(CNT + b, 0)  # the collect kernel's counter (it runs after every program of this one)
     n = _visible(LEN, POS, b, ratio)
     h = tl.arange(0, BLOCK_HI)
     d = tl.arange(0, BLOCK_DI)
     q = tl.load(Q + b * sqb + h[:, None] * sqh + d[None, :], mask=(h < HI)[:, None] & (d < DI)[None, :], other=0.0)
+    qt = tl.trans(q)  # (BDI, BHI)
     w = tl.load(W + b * swb + h, mask=h < HI, other=0.0).to(tl.float32)
-    hist = tl.zeros([NBINS], dtype=tl.int32)
-    is_bin0 = tl.arange(0, NBINS) == 0
     start = tile * TILE
     end = tl.minimum(start + TILE, n)
     for j0 in range(start, end, BLOCK_N):
         j = j0 + tl.arange(0, BLOCK_N)
         valid = j < end
         rows = _row_of(T, st, BS, b, j, valid, ZERO)
-        k = tl.load(K + rows[:, None] * sk0 + d[None, :], mask=valid[:, None] & (d < DI)[None, :], other=0.0)
-        s = tl.maximum(tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PREC), 0.0)  # (BHI, BN) ReLU(q_h . K_s)
-        score = tl.sum(s * w[:, None], 0) * score_scale
+        ro = tl.multiple_of(rows * sk0, KALIGN)
+        k = tl.load(K + ro[:, None] + d[None, :], mask=valid[:, None] & (d < DI)[None, :], other=0.0)
+        s = tl.maximum(tl.dot(k.to(q.dtype), qt, input_precision=PREC), 0.0)  # (BN, BHI) ReLU(q_h . K_s)
+        score = tl.sum(s * w[None, :], 1) * score_scale
         if KSCALE:
             score = score * tl.load(KS + rows * sks, mask=valid, other=1.0)
         key = _order_key(score)
         tl.store(SC + b * ssc + j, key, mask=valid)
-        # invalid lanes land in bin 0 and are taken out again
-        hist += tl.histogram(tl.where(valid, (key >> 20) + NBINS // 2, 0), NBINS)
-        hist -= tl.where(is_bin0, BLOCK_N - tl.sum(valid.to(tl.int32), 0), 0)
-    tl.atomic_add(HIST + b * (2 * NBINS) + tl.arange(0, NBINS), hist, mask=hist > 0)
+        gmax = tl.max(tl.reshape(tl.where(valid, key, INT32_MIN), (BLOCK_N // G, G)), 1)
+        g = j0 // G + tl.arange(0, BLOCK_N // G)
+        tl.store(MX + b * smx + g, gmax, mask=g * G < end)
 
 
 @triton.jit
-def _collect_kernel(SC, ssc, HIST, LEN, POS, ratio, CAND, CNT, K, CAP_G,
-                    NBINS: tl.constexpr, TILE: tl.constexpr, BLOCK: tl.constexpr):
-    tile = tl.program_id(0)
+def _threshold_kernel(MX, smx, LEN, POS, ratio, THR, K, G: tl.constexpr, RB: tl.constexpr, CB: tl.constexpr):
+    p = tl.program_id(0)
     b = tl.program_id(1)
     n = _visible(LEN, POS, b, ratio)
     kk = tl.minimum(K, n)
-    b1, _ = _threshold_bin(tl.load(HIST + b * (2 * NBINS) + tl.arange(0, NBINS)), kk, NBINS)
-    hist2 = tl.zeros([NBINS], dtype=tl.int32)
-    is_bin0 = tl.arange(0, NBINS) == 0
+    m = (n + G - 1) // G  # group maxima of this row
+    if (p == 0) & ((m < kk) | (kk == 0)):
+        tl.store(THR + b, INT32_MIN)  # fewer groups than k: every visible key is a candidate
+    if (p * RB < m) & (m >= kk) & (kk > 0):
+        i = p * RB + tl.arange(0, RB)
+        mine = tl.where(i < m, _unique(tl.load(MX + b * smx + i, mask=i < m, other=0), i), INT64_MIN)
+        rank = tl.zeros([RB], dtype=tl.int32)
+        for c0 in range(0, m, CB):
+            c = c0 + tl.arange(0, CB)
+            other = tl.where(c < m, _unique(tl.load(MX + b * smx + c, mask=c < m, other=0), c), INT64_MIN)
+            rank += tl.sum((other[None, :] > mine[:, None]).to(tl.int32), 1)
+        tl.store(THR + b + i * 0, (mine >> 32).to(tl.int32), mask=(i < m) & (rank == kk - 1))  # one lane overall
+
+
+@triton.jit
+def _collect_kernel(SC, ssc, THR, LEN, POS, ratio, CAND, CNT, CAP, TILE: tl.constexpr, BLOCK: tl.constexpr):
+    tile = tl.program_id(0)
+    b = tl.program_id(1)
+    n = _visible(LEN, POS, b, ratio)
+    thr = tl.load(THR + b)
     start = tile * TILE
     end = tl.minimum(start + TILE, n)
     for j0 in range(start, end, BLOCK):
         j = j0 + tl.arange(0, BLOCK)
         valid = j < end
-        key = tl.load(SC + b * ssc + j, mask=valid, other=0)
-        bin1 = (key >> 20) + NBINS // 2
-        take = valid & (bin1 >= b1)
-        in_b1 = valid & (bin1 == b1)
-        hist2 += tl.histogram(tl.where(in_b1, (key >> 8) & (NBINS - 1), 0), NBINS)
-        hist2 -= tl.where(is_bin0, BLOCK - tl.sum(in_b1.to(tl.int32), 0), 0)
+        key = tl.load(SC + b * ssc + j, mask=valid, other=INT32_MIN)
+        take = valid & (key >= thr)
         take_i = take.to(tl.int32)
-        base = tl.atomic_add(CNT + b, tl.sum(take_i, 0))
-        off = base + tl.cumsum(take_i, 0) - 1
-        cand = (key.to(tl.int64) << 32) | (0x7FFFFFFF - j).to(tl.int64)
-        tl.store(CAND + b * CAP_G + off, cand, mask=take & (off < CAP_G))
-    tl.atomic_add(HIST + b * (2 * NBINS) + NBINS + tl.arange(0, NBINS), hist2, mask=hist2 > 0)
+        n_take = tl.sum(take_i, 0)
+        if n_take > 0:
+            off = tl.atomic_add(CNT + b, n_take) + tl.cumsum(take_i, 0) - 1
+            tl.store(CAND + b * CAP + off, _unique(key, j), mask=take & (off < CAP))
 
 
 @triton.jit
-def _select_kernel(SC, ssc, HIST, LEN, POS, ratio, CAND, CNT, SURV, OUT, sob, K, KOUT, CAP_G,
-                   NBINS: tl.constexpr, SORT: tl.constexpr, BLOCK: tl.constexpr):
-    b = tl.program_id(0)
+def _rank_kernel(SC, ssc, LEN, POS, ratio, CAND, CNT, SURV, OUT, sob, K, KOUT, CAP,
+                 RB: tl.constexpr, CB: tl.constexpr, SORT: tl.constexpr, BLOCK: tl.constexpr):
+    p = tl.program_id(0)
+    b = tl.program_id(1)
     n = _visible(LEN, POS, b, ratio)
     kk = tl.minimum(K, n)
-    i = tl.arange(0, NBINS)
-    hp = HIST + b * (2 * NBINS)
-    b1, above1 = _threshold_bin(tl.load(hp + i), kk, NBINS)
-    hist2 = tl.load(hp + NBINS + i)
-    b2, above2 = _threshold_bin(hist2, kk - above1, NBINS)
-    prefix = ((b1 - NBINS // 2) << 12) | b2  # the k-th best key's top 24 bits, as key >> 8
     n_cand = tl.load(CNT + b)
-    n_surv = above1 + above2 + tl.sum(tl.where(i == b2, hist2, 0), 0)
-    sp = SURV + b * SORT
-    total = kk
-    if (n_cand <= CAP_G) & (n_surv <= SORT):
-        # Fast path: candidates sharing or beating the k-th key's 24-bit prefix, compacted in order found.
-        total = 0
-        for c0 in range(0, n_cand, BLOCK):
-            c = c0 + tl.arange(0, BLOCK)
-            v = tl.load(CAND + b * CAP_G + c, mask=c < n_cand, other=0)
-            keep = (c < n_cand) & (((v >> 32).to(tl.int32) >> 8) >= prefix)
-            keep_i = keep.to(tl.int32)
-            tl.store(sp + total + tl.cumsum(keep_i, 0) - 1, v, mask=keep)
-            total += tl.sum(keep_i, 0)
-    else:
+    i = p * RB + tl.arange(0, RB)
+    if n_cand <= CAP:
+        mine = tl.load(CAND + b * CAP + i, mask=i < n_cand, other=INT64_MIN)
+        rank = tl.full([RB], 1 << 30, tl.int32)
+        if p * RB < n_cand:
+            rank = _rank_in(mine, CAND + b * CAP, n_cand, CB)
+        idx = 0x7FFFFFFF - (mine & 0xFFFFFFFF)
+        tl.store(OUT + b * sob + rank, idx, mask=(i < n_cand) & (rank < kk))
+        tl.store(OUT + b * sob + i, tl.full([RB], -1, tl.int64), mask=(i >= kk) & (i < KOUT))
+    elif p == 0:
         # Exact fallback: bisect for the k-th largest key over all n scores (count(key >= lo) >= kk holds),
-        # then take everything above it and its ties in index order (lowest index first).
+        # then take everything above it and its ties in index order (lowest index first), and sort those kk.
         lo = tl.full([], -(1 << 31), tl.int64)
         hi = tl.full([], (1 << 31) - 1, tl.int64)
         for _ in range(32):
@@ -197,41 +211,39 @@ def _select_kernel(SC, ssc, HIST, LEN, POS, ratio, CAND, CNT, SURV, OUT, sob, K,
             j = j0 + tl.arange(0, BLOCK)
             key = tl.load(SC + b * ssc + j, mask=j < n, other=-(1 << 31)).to(tl.int64)
             above += tl.sum(((j < n) & (key > lo)).to(tl.int32), 0)
+        sp = SURV + b * SORT
         taken = 0
         ties = 0
         for j0 in range(0, n, BLOCK):
             j = j0 + tl.arange(0, BLOCK)
-            key = tl.load(SC + b * ssc + j, mask=j < n, other=-(1 << 31)).to(tl.int64)
-            tie = ((j < n) & (key == lo)).to(tl.int32)
-            keep = (j < n) & ((key > lo) | ((tie > 0) & (ties + tl.cumsum(tie, 0) <= kk - above)))
+            key = tl.load(SC + b * ssc + j, mask=j < n, other=-(1 << 31))
+            tie = ((j < n) & (key.to(tl.int64) == lo)).to(tl.int32)
+            keep = (j < n) & ((key.to(tl.int64) > lo) | ((tie > 0) & (ties + tl.cumsum(tie, 0) <= kk - above)))
             keep_i = keep.to(tl.int32)
-            tl.store(sp + taken + tl.cumsum(keep_i, 0) - 1, (key << 32) | (0x7FFFFFFF - j).to(tl.int64), mask=keep)
+            tl.store(sp + taken + tl.cumsum(keep_i, 0) - 1, _unique(key, j), mask=keep)
             taken += tl.sum(keep_i, 0)
             ties += tl.sum(tie, 0)
-    tl.debug_barrier()  # SURV written by every thread above, read back below
-    s = tl.arange(0, SORT)
-    v = tl.sort(tl.load(sp + s, mask=s < total, other=INT64_MIN), descending=True)
-    idx = 0x7FFFFFFF - (v & 0xFFFFFFFF)
-    tl.store(OUT + b * sob + s, tl.where(s < kk, idx, -1), mask=s < KOUT)
-    tl.store(hp + i, tl.zeros([NBINS], dtype=tl.int32))  # leave the workspace clean for the next step
-    tl.store(hp + NBINS + i, tl.zeros([NBINS], dtype=tl.int32))
-    tl.store(CNT + b, 0)
+        tl.debug_barrier()  # SURV written by every thread above, read back below
+        s = tl.arange(0, SORT)
+        v = tl.sort(tl.load(sp + s, mask=s < kk, other=INT64_MIN), descending=True)
+        tl.store(OUT + b * sob + s, tl.where(s < kk, 0x7FFFFFFF - (v & 0xFFFFFFFF), -1), mask=s < KOUT)
 
 
 def workspace(batch: int, device) -> torch.Tensor:
-    """Zeroed histograms (2 x 4096 per row) + candidate counters; `indexer_topk_decode` leaves it zeroed."""
-    return torch.zeros(batch * (2 * NBINS + 1), dtype=torch.int32, device=device)
+    """Candidate counters and thresholds (2 int32 per row), kept across steps; each launch rewrites them."""
+    return torch.zeros(2 * batch, dtype=torch.int32, device=device)
 
 
 def indexer_topk_decode(q: torch.Tensor, head_w: torch.Tensor, keys: KeySource, positions: torch.Tensor,
                         lengths: torch.Tensor, ratio: int, k: int, max_len: int, tile: int | None = None,
-                        block_n: int = 128, cap: int = 1 << 15, sort: int | None = None, num_warps: int = 4,
+                        block_n: int = 128, group: int | None = None, cap: int = 1 << 14, num_warps: int = 4,
                         num_stages: int = 3, ws: torch.Tensor | None = None) -> torch.Tensor:
     """q (B, Hi, Di) (or (B, 1, Hi, Di)), head_w (B, Hi) fp32 (already x Hi^-1/2), positions / lengths (B,) int32,
     `max_len` >= every length (host-side bound) -> (B, min(k, max_len)) int64 indices, best first.
 
-    `cap` candidates per row are kept after the first histogram and `sort` (>= 2k by default) are sorted;
-    `ws` is a `workspace(B)` kept across steps (else a zeroed one per call)."""
+    `group` keys share one maximum for the threshold (default ~max_len / 4k: ~4k maxima, ~k x 1.2 candidates
+    on random scores); `cap` candidates per row are ranked, more take the exact fallback; `ws` is a
+    `workspace(B)` kept across steps (else a new one per call)."""
     q = q.reshape(q.shape[0], q.shape[-2], q.shape[-1])
     B, Hi, Di = q.shape
     assert q.stride(-1) == 1
@@ -240,30 +252,38 @@ def indexer_topk_decode(q: torch.Tensor, head_w: torch.Tensor, keys: KeySource, 
     out = torch.empty(B, kout, dtype=torch.long, device=q.device)
     if kout == 0:
         return out
-    block_n = max(16, block_n)
+    block_n = max(16, triton.next_power_of_2(block_n))
+    G = min(block_n, group or max(1, triton.next_power_of_2(max_len // (4 * kout) + 1) // 2))
     if tile is None:  # about two programs per SM
         tile = triton.cdiv(triton.cdiv(max_len * B, 2 * _num_sms(q.device)), block_n) * block_n
     tile = min(max(triton.cdiv(tile, block_n) * block_n, block_n), 8192)
-    sort = sort or max(64, 2 * triton.next_power_of_2(kout))
+    cap = max(cap, kout)
+    sort = max(16, triton.next_power_of_2(kout))
     grid = (triton.cdiv(max_len, tile), B)
+    n_groups = triton.cdiv(max_len, G)
     sc = torch.empty(B, max_len, dtype=torch.int32, device=q.device)
+    mx = torch.empty(B, n_groups, dtype=torch.int32, device=q.device)
     cand = torch.empty(B, cap, dtype=torch.int64, device=q.device)
     surv = torch.empty(B, sort, dtype=torch.int64, device=q.device)
     ws = workspace(B, q.device) if ws is None else ws
-    hist, cnt = ws[:B * 2 * NBINS], ws[B * 2 * NBINS:]
+    cnt, thr = ws[:B], ws[B:2 * B]
     main = keys.main
     kscale = keys.scale if keys.scale is not None else head_w
     _score_kernel[grid](0, q, q.stride(0), q.stride(1), head_w, head_w.stride(0), main, main.stride(0),
                         kscale, kscale.stride(0), keys.table, keys.table.stride(0), keys.block_size, lengths,
-                        positions, ratio, sc, sc.stride(0), hist, Di ** -0.5, Hi, DI=Di,
+                        positions, ratio, sc, sc.stride(0), mx, mx.stride(0), cnt, Di ** -0.5, Hi, DI=Di,
                         BLOCK_HI=max(16, triton.next_power_of_2(Hi)), BLOCK_DI=max(16, triton.next_power_of_2(Di)),
-                        BLOCK_N=block_n, TILE=tile, NBINS=NBINS, KSCALE=keys.scale is not None,
+                        BLOCK_N=block_n, TILE=tile, G=G, KALIGN=_align(main), KSCALE=keys.scale is not None,
                         PREC="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps,
                         num_stages=num_stages)
-    _collect_kernel[grid](sc, sc.stride(0), hist, lengths, positions, ratio, cand, cnt, k, cap,
-                          NBINS=NBINS, TILE=tile, BLOCK=min(tile, 2048), num_warps=4)
-    _select_kernel[(B,)](sc, sc.stride(0), hist, lengths, positions, ratio, cand, cnt, surv, out, out.stride(0),
-                         k, kout, cap, NBINS=NBINS, SORT=sort, BLOCK=2048, num_warps=8)
+    RB, CB = 64, 128
+    _threshold_kernel[(triton.cdiv(n_groups, RB), B)](mx, mx.stride(0), lengths, positions, ratio, thr, k, G=G,
+                                                      RB=RB, CB=CB, num_warps=4)
+    _collect_kernel[grid](sc, sc.stride(0), thr, lengths, positions, ratio, cand, cnt, cap, TILE=tile,
+                          BLOCK=min(tile, 1024), num_warps=4)
+    _rank_kernel[(triton.cdiv(min(cap, max_len), RB), B)](sc, sc.stride(0), lengths, positions, ratio, cand, cnt,
+                                                          surv, out, out.stride(0), k, kout, cap, RB=RB, CB=CB,
+                                                          SORT=sort, BLOCK=1024, num_warps=4)
     return out
 
 

@@ -61,9 +61,20 @@ class KVSource:
 def _row_of(T, st, BS, b, li, valid, ZERO):
     # ZERO (a runtime 0 the compiler may not specialise on) hides the arange-derived divisibility of the
     # row index: rows of 584-byte records are only 8-byte aligned, and vectorised loads that assumed
-    # 16-byte alignment faulted (misaligned address) on the H100.
+    # 16-byte alignment faulted (misaligned address) on the H100. The decode kernels then state the true
+    # alignment of the row offsets (`_align`, tl.multiple_of), so their loads vectorise as far as it allows.
     blk = tl.load(T + b * st + li // BS, mask=valid, other=0)
     return blk.to(tl.int64) * BS + li % BS + ZERO
+
+
+def _align(t: torch.Tensor) -> int:
+    """Largest power of two (<= 16 bytes), in elements, dividing every row start of `t`: the alignment
+    promise behind the kernel's vector loads (584-byte FP8 records: 8 bytes)."""
+    e = t.element_size()
+    a = 16
+    while a > e and (t.data_ptr() % a or (t.stride(0) * e) % a):
+        a //= 2
+    return max(1, a // e)
 
 
 @triton.jit
