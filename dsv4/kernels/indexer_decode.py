@@ -237,7 +237,7 @@ def workspace(batch: int, device) -> torch.Tensor:
 def indexer_topk_decode(q: torch.Tensor, head_w: torch.Tensor, keys: KeySource, positions: torch.Tensor,
                         lengths: torch.Tensor, ratio: int, k: int, max_len: int, tile: int | None = None,
                         block_n: int = 128, group: int | None = None, cap: int = 1 << 14, num_warps: int = 4,
-                        num_stages: int = 3, ws: torch.Tensor | None = None) -> torch.Tensor:
+                        num_stages: int = 2, ws: torch.Tensor | None = None) -> torch.Tensor:
     """q (B, Hi, Di) (or (B, 1, Hi, Di)), head_w (B, Hi) fp32 (already x Hi^-1/2), positions / lengths (B,) int32,
     `max_len` >= every length (host-side bound) -> (B, min(k, max_len)) int64 indices, best first.
 
