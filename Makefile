@@ -31,7 +31,7 @@ demo: install
 INTERPRET := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 0 || echo 1)
 
 test: install-test
-	TRITON_INTERPRET=$${TRITON_INTERPRET:-$(INTERPRET)} $(BIN)/python -m pytest -q tests
+	TRITON_INTERPRET=$${TRITON_INTERPRET:-$(INTERPRET)} $(BIN)/python -m pytest tests
 
 clean:
 	rm -rf $(VENV) runs
