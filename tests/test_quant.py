@@ -242,3 +242,12 @@ def test_wrong_scale_shape_and_orphan_scale_are_reported():
     assert "layers.0.ffn.experts.3.w2.scale: shape (10, 1), expected (64, 1)" in msg
     assert "layers.0.ffn.gate.scale" in msg
     assert isinstance(err.value, ValueError)
+
+
+def test_training_fake_quant_equals_the_release_fp4_round_trip():
+    """FP4 QAT (dsv4.hooks.fake_quant_fp4) rounds exactly as the shipped FP4 format stores (dsv4.quant)."""
+    from dsv4.hooks import fake_quant_fp4
+
+    w = torch.randn(64, 96, generator=torch.Generator().manual_seed(0)) * 0.05
+    packed, scale = quantize_fp4(w)
+    torch.testing.assert_close(fake_quant_fp4(w), dequantize_fp4(packed, scale, dtype=torch.float32), rtol=0, atol=0)
