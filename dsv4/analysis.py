@@ -65,6 +65,16 @@ def v4_indexer_key_format(cfg: Config) -> KVFormat:
     return KVFormat(fp8_dims=0, fp4_dims=cfg.index_head_dim, scale_bytes=cfg.index_head_dim // 32)
 
 
+def indexer_key_format(cfg: Config, kind: str) -> KVFormat:
+    """The cached indexer key: "fp4" (the release's path, 68 B) or "fp8" (128 E4M3 + an fp32 scale, 132 B,
+    the paged cache's default)."""
+    if kind == "fp4":
+        return v4_indexer_key_format(cfg)
+    if kind == "fp8":
+        return KVFormat(fp8_dims=cfg.index_head_dim, scale_bytes=4)
+    raise ValueError(f"index_keys={kind!r}: choose 'fp8' or 'fp4'")
+
+
 # ---------------------------------------------------------------------- baselines
 @dataclass
 class V32Config:

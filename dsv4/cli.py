@@ -27,7 +27,7 @@ def _resolve_config(model: str):
 def cmd_info(args) -> int:
     from .info import describe
 
-    info = describe(_resolve_config(args.model))
+    info = describe(_resolve_config(args.model), args.index_keys)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -36,7 +36,8 @@ def cmd_info(args) -> int:
           f"(+ {p['mtp'] / 1e9:.3f} B in {info['mtp_blocks']} MTP block(s))")
     print("layers:     " + ", ".join(f"{n} x {t}" for t, n in info["layer_types"].items())
           + f"; first {info['hash_layers']} MoE layer(s) hash-routed")
-    print(f"KV cache:   {kv['total']:.1f} bytes per token of context (FP8 entries, FP4 indexer keys), "
+    print(f"KV cache:   {kv['total']:.1f} bytes per token of context (FP8 entries, {info['index_keys'].upper()} "
+          f"indexer keys), "
           f"+ {kv['window_bytes_per_sequence'] / 2**20:.2f} MiB of sliding windows per sequence")
     print(f"context:    {info['context']:,} tokens")
     return 0
@@ -103,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="parameters, layer types and KV bytes of a checkpoint or preset")
     p.add_argument("model", help="checkpoint folder, config.json or preset")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--index-keys", choices=["fp8", "fp4"], default="fp8",
+                   help="indexer key format of the paged cache (default fp8; fp4 is the release's path)")
     p.set_defaults(func=cmd_info)
 
     for name, (module, help_text) in _COMPONENT_COMMANDS.items():

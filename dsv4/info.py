@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from .analysis import v4_indexer_key_format, v4_kv_format
+from .analysis import indexer_key_format, v4_kv_format
 from .config import Config
 
 
@@ -42,10 +42,11 @@ def parameter_counts(c: Config) -> dict[str, int]:
     return {"total": total + outer, "active": active + outer, "mtp": mtp}
 
 
-def kv_bytes_per_token(c: Config) -> dict[str, float]:
-    """Cached bytes per token of context, by layer type, in the compact FP8 layout (584 B per KV entry:
-    448 FP8 dims + 64 BF16 RoPE dims + scales; FP4 indexer keys), excluding the constant-size window."""
-    entry, key = v4_kv_format(c).bytes, v4_indexer_key_format(c).bytes
+def kv_bytes_per_token(c: Config, index_keys: str = "fp8") -> dict[str, float]:
+    """Cached bytes per token of context, by layer type, in the compact layout of the paged cache
+    (`dsv4.kernels.paged_cache`, same default): 584 B per KV entry (448 FP8 dims + 64 BF16 RoPE dims +
+    scales) and FP8 (132 B) or FP4 (68 B) indexer keys, excluding the constant-size window."""
+    entry, key = v4_kv_format(c).bytes, indexer_key_format(c, index_keys).bytes
     out = Counter()
     for r in c.layer_ratios:
         if r == 4:
@@ -57,7 +58,8 @@ def kv_bytes_per_token(c: Config) -> dict[str, float]:
     return dict(out)
 
 
-def describe(c: Config) -> dict:
+def describe(c: Config, index_keys: str = "fp8") -> dict:
     return {"parameters": parameter_counts(c), "layer_types": dict(Counter(c.layer_types)),
             "hash_layers": c.num_hash_layers, "mtp_blocks": c.num_nextn_predict_layers,
-            "kv_bytes_per_token": kv_bytes_per_token(c), "context": c.max_position_embeddings}
+            "kv_bytes_per_token": kv_bytes_per_token(c, index_keys), "index_keys": index_keys,
+            "context": c.max_position_embeddings}

@@ -36,6 +36,9 @@ def test_info_json(capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["layer_types"] == {"sliding_attention": 2, "compressed_sparse_attention": 21,
                                    "heavily_compressed_attention": 20}
+    assert info["kv_bytes_per_token"]["total"] == pytest.approx(21 * (584 + 132) / 4 + 20 * 584 / 128)
+    assert main(["info", "flash", "--json", "--index-keys", "fp4"]) == 0
+    info = json.loads(capsys.readouterr().out)
     assert info["kv_bytes_per_token"]["total"] == pytest.approx(21 * (584 + 68) / 4 + 20 * 584 / 128)
 
 

@@ -243,14 +243,14 @@ def test_paged_cache_bytes_match_analyser_and_info():
     used = cache.used_bytes(slot)
     one_csa_one_hca = flash.replace(num_hidden_layers=2, num_hash_layers=0, compress_ratios=[4, 128, 0])
     assert used == {k: int(v) for k, v in v4_kv_terms(one_csa_one_hca, 3000).items()}
-    per_token = kv_bytes_per_token(one_csa_one_hca)  # `dsv4 info`
+    per_token = kv_bytes_per_token(one_csa_one_hca, index_keys="fp4")  # `dsv4 info --index-keys fp4`
     assert per_token["compressed_sparse_attention"] == (584 + 68) / 4
     assert per_token["heavily_compressed_attention"] == 584 / 128
     assert used["compressed"] + used["indexer_keys"] == (3000 // 4) * (584 + 68) + (3000 // 128) * 584
     assert cache.entries[2].shape[1] == cache.entries[3].shape[1] == 584
     assert cache.keys[2].shape[1] == v4_indexer_key_format(flash).bytes == 68
-    fp8 = PagedKVCache(flash, 1, 256, index_keys="fp8", layers=[2])
-    assert fp8.keys[2].shape[1] == 132
+    fp8 = PagedKVCache(flash, 1, 256, layers=[2])  # the default, as `dsv4 info`'s
+    assert fp8.keys[2].shape[1] == 132 == kv_bytes_per_token(one_csa_one_hca)["compressed_sparse_attention"] * 4 - 584
 
 
 @pytest.mark.parametrize("kind", ["fp8", "fp4"])

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..analysis import KVFormat, v4_indexer_key_format, v4_kv_format
+from ..analysis import indexer_key_format, v4_kv_format
 from ..config import Config
 from . import fp8_kv
 from .sparse_attn import KVSource
@@ -27,14 +27,6 @@ from .sparse_attn import KVSource
 
 class CacheFull(RuntimeError):
     pass
-
-
-def indexer_key_format(config: Config, kind: str) -> KVFormat:
-    if kind == "fp4":
-        return v4_indexer_key_format(config)
-    if kind == "fp8":
-        return KVFormat(fp8_dims=config.index_head_dim, scale_bytes=4)
-    raise ValueError(f"index_keys={kind!r}: choose 'fp8' or 'fp4'")
 
 
 def compressor_state_bytes(config: Config, ratio: int) -> int:
