@@ -78,6 +78,7 @@ class Transformer(nn.Module):
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
+        self._check_ids(input_ids)
         views = self._views(input_ids, cache, doc_ids, lambda c: c.length)
         h = self.embed(input_ids)
         x = h.unsqueeze(2).expand(-1, -1, self.config.hc_mult, -1).contiguous()  # (B, S, n_hc, d)
@@ -107,6 +108,11 @@ class Transformer(nn.Module):
         for v in views:
             v.cache.mtp_length[depth] = int(v.positions[-1]) + 1
         return logits
+
+    def _check_ids(self, ids: torch.Tensor) -> None:
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size):
+            raise ValueError(f"token ids must be in [0, {self.config.vocab_size}) for this model, got "
+                             f"[{int(ids.min())}, {int(ids.max())}] (a tokenizer with a larger vocabulary?)")
 
     def _views(self, ids: torch.Tensor, cache, doc_ids: torch.Tensor | None, length_of) -> list[AttnView]:
         B, S = ids.shape

@@ -77,3 +77,9 @@ def test_last_only_logits(model_and_ids):
     with torch.no_grad():
         # rtol: one row through the head matmul may round differently from many rows
         torch.testing.assert_close(model(ids, last_only=True), full[:, -1:], rtol=1e-5, atol=1e-5)
+
+
+def test_out_of_range_token_ids_are_refused(model_and_ids):
+    model, _, _ = model_and_ids
+    with pytest.raises(ValueError, match=r"token ids must be in \[0, 512\)"):
+        model(torch.tensor([[3, 600]]))
