@@ -420,3 +420,22 @@ def test_fp8_kv_logits_close_to_model_dtype():
             fp8 = model(ids)
     assert 0 < rel_err(fp8, ref) < 0.08
     assert (fp8.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9
+
+
+def test_training_gets_gradients_through_the_seam():
+    """The kernels are forward-only: with autograd recording, the seam must take the reference path, so a
+    training step through `kernels.sparse_attention` has the reference's gradients (not none)."""
+    gen = torch.Generator().manual_seed(5)
+    B, S, H, D, N, k = 1, 6, 2, 32, 4, 3
+    q = torch.randn(B, S, H, D, generator=gen).to(DEVICE).requires_grad_()
+    kv = torch.randn(B, S, D, generator=gen).to(DEVICE).requires_grad_()
+    comp = torch.randn(B, N, D, generator=gen).to(DEVICE).requires_grad_()
+    topk = random_topk(gen, B, S, N, k, torch.div(torch.arange(S) + 1, 4, rounding_mode="floor")).to(DEVICE)
+    sink, pos = torch.zeros(H, device=DEVICE), torch.arange(S, device=DEVICE)
+    grads = []
+    for backend in ("triton", "reference"):
+        with kernels.use(backend):
+            out = kernels.sparse_attention(q, kv, pos, comp, topk, 4, sink, D ** -0.5, 4, 8)
+        grads.append(torch.autograd.grad(out.square().sum(), (q, kv, comp)))
+    for g_triton, g_ref in zip(*grads):
+        torch.testing.assert_close(g_triton, g_ref)

@@ -92,7 +92,11 @@ def sparse_attention(q, window_kv, positions, compressed, topk, ratio, sink, sca
         from .fp8_kv import fake_quantize
         window_kv = fake_quantize(window_kv, rope_dim)
         compressed = None if compressed is None else fake_quantize(compressed, rope_dim)
-    if use_triton(q):
+    # The Triton kernels are forward-only: while autograd records (training), take the reference, whose
+    # backward is PyTorch's; otherwise gradients would silently stop at attention.
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                                 for t in (q, window_kv, compressed, sink))
+    if not needs_grad and use_triton(q):
         if q.shape[1] == 1:  # decode: flash-decoding kernel (split-K partials + parallel merge)
             from .decode_attn import sparse_attention_decode
             return sparse_attention_decode(q, window_kv, positions, compressed, topk, ratio, sink, scale, window)
