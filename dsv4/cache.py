@@ -64,8 +64,8 @@ class KVCache:
             return LayerCache(compressor=CompressorState() if ratio else None,
                               indexer=CompressorState() if ratio == 4 else None)
 
-        n, k = config.num_hidden_layers, config.num_nextn_predict_layers
-        return cls(layers=[layer(r) for r in config.compress_ratios[:n]], mtp=[layer(0) for _ in range(k)],
+        k = config.num_nextn_predict_layers
+        return cls(layers=[layer(r) for r in config.layer_ratios], mtp=[layer(0) for _ in range(k)],
                    mtp_length=[0] * k)
 
     def layer(self, layer_id: int) -> LayerCache:

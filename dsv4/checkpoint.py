@@ -135,8 +135,7 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32, device
     hf_layout = is_hf_layout(reader.files)
     if hf_layout and config.num_nextn_predict_layers:
         # transformers does not keep MTP weights: load the trunk, without MTP blocks.
-        n = config.num_hidden_layers
-        config = config.replace(num_nextn_predict_layers=0, compress_ratios=config.compress_ratios[:n])
+        config = config.replace(num_nextn_predict_layers=0, compress_ratios=config.layer_ratios)
     with torch.device("meta"):
         model = Transformer(config)
     expected = {k: v for k, v in model.state_dict().items()}

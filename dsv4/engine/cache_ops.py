@@ -91,7 +91,7 @@ def estimate_bytes(config: Config, n_tokens: int, element_size: int) -> int:
     """Upper bound of `KVCache.nbytes()` after `n_tokens` tokens (trunk + MTP), for admission control."""
     c, total = config, 0
     win = (c.sliding_window - 1) * c.head_dim
-    for ratio in c.compress_ratios[:c.num_hidden_layers]:
+    for ratio in c.layer_ratios:
         total += win
         if ratio:
             total += _compressor_elems(n_tokens, ratio, c.head_dim)

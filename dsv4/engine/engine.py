@@ -223,7 +223,7 @@ class Engine:
         self.max_context = c.max_position_embeddings
         self.decode = decode
         self.drafter = drafter or default_drafter
-        ratios = [r for r in c.compress_ratios[:c.num_hidden_layers] if r] or [1]
+        ratios = [r for r in c.layer_ratios if r] or [1]
         self.block = math.lcm(*ratios)  # prefix-cache granularity: every compressor at a block boundary
         if cfg.prefill_chunk % self.block:
             raise ValueError(f"prefill_chunk={cfg.prefill_chunk} must be a multiple of {self.block} (the lcm "
