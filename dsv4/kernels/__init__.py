@@ -121,3 +121,16 @@ def index_topk(q, head_w, keys, positions, ratio, k):
         return fast(q, head_w, keys, positions, ratio, k)
     from .indexer_topk import reference
     return reference(q, head_w, keys, positions, ratio, k)
+
+
+def hc_maps_post_linear(mixes, base, scale, *, sinkhorn_iters, hc_eps):
+    """mHC maps after the projection (§2.2): mixes (B, S, (2+n)*n) fp32 -> pre (B, S, n), post (B, S, n),
+    comb (B, S, n, n) fp32; `dsv4.mhc.hc_maps_from_mixes`. The Triton path fuses the gates and every
+    Sinkhorn iteration into one launch (the reference launches ~4 kernels per iteration)."""
+    # Forward-only kernel: while autograd records (training), take the reference, whose backward is PyTorch's.
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (mixes, base, scale))
+    if not needs_grad and use_triton(mixes):
+        from .mhc_maps import hc_maps_fused
+        return hc_maps_fused(mixes, base, scale, sinkhorn_iters=sinkhorn_iters, hc_eps=hc_eps)
+    from ..mhc import hc_maps_from_mixes as reference
+    return reference(mixes, base, scale, sinkhorn_iters=sinkhorn_iters, hc_eps=hc_eps)
