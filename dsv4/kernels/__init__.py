@@ -126,7 +126,7 @@ def index_topk(q, head_w, keys, positions, ratio, k):
 def hc_maps_post_linear(mixes, base, scale, *, sinkhorn_iters, hc_eps):
     """mHC maps after the projection (§2.2): mixes (B, S, (2+n)*n) fp32 -> pre (B, S, n), post (B, S, n),
     comb (B, S, n, n) fp32; `dsv4.mhc.hc_maps_from_mixes`. The Triton path fuses the gates and every
-    Sinkhorn iteration into one launch (the reference launches ~4 kernels per iteration)."""
+    Sinkhorn iteration into one launch (the reference launches ~6 kernels per iteration)."""
     # Forward-only kernel: while autograd records (training), take the reference, whose backward is PyTorch's.
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (mixes, base, scale))
     if not needs_grad and use_triton(mixes):
@@ -134,3 +134,20 @@ def hc_maps_post_linear(mixes, base, scale, *, sinkhorn_iters, hc_eps):
         return hc_maps_fused(mixes, base, scale, sinkhorn_iters=sinkhorn_iters, hc_eps=hc_eps)
     from ..mhc import hc_maps_from_mixes as reference
     return reference(mixes, base, scale, sinkhorn_iters=sinkhorn_iters, hc_eps=hc_eps)
+
+
+def compress_blocks(kv, gate, ape, overlap_kv, overlap_gate, norm_weight, eps, inv_freq, first_block,
+                    records=None, rows=None):
+    """Finished compression blocks -> entries (§2.3.1 eqs. 9-12 CSA, §2.3.2 HCA), the pooling of
+    `dsv4.compressor.Compressor.forward`: kv, gate (B, n, m, width) (width 2D: CSA's two series; D: HCA; gate
+    without the positional bias), ape (m, width), the carried series-a rows overlap_kv / overlap_gate (B, m, D)
+    (gate + ape) or None, RMSNorm weight (D,) and eps, inv_freq (rope_dim / 2,), first_block an int or (B, 1)
+    -> (B, n, D) in kv's dtype, softmax-pooled, normed and RoPE'd at position w * m. With a uint8 records pool
+    (R, record_bytes) and rows (B, n) int64 it also writes each entry's `fp8_kv` record into those rows (-1:
+    skip). The Triton path does all of it in one launch (`kernels.compress`)."""
+    from . import compress
+    # Forward-only kernel: while autograd records (training), take the reference, whose backward is PyTorch's.
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in
+                                                 (kv, gate, ape, overlap_kv, overlap_gate, norm_weight))
+    fn = compress.compress_blocks if not needs_grad and use_triton(kv) else compress.reference
+    return fn(kv, gate, ape, overlap_kv, overlap_gate, norm_weight, eps, inv_freq, first_block, records, rows)
