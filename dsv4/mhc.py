@@ -12,18 +12,29 @@ The parameters live on the block under the official names (`hc_attn_fn`, `hc_att
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
+from . import kernels
 from .layers import rms_normalize
 
 
 def hc_maps(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, *, sinkhorn_iters: int,
             hc_eps: float, norm_eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x: (B, S, n, d) -> pre (B, S, n), post (B, S, n), comb (B, S, n, n); all fp32."""
-    n = x.shape[-2]
     flat = rms_normalize(x.flatten(-2).float(), norm_eps)  # (B, S, n*d)
     mixes = F.linear(flat, fn.float())  # (B, S, (2+n)*n)
+    # The gates and the Sinkhorn iterations go through the kernel seam: one fused launch on the GPU.
+    return kernels.hc_maps_post_linear(mixes, base, scale, sinkhorn_iters=sinkhorn_iters, hc_eps=hc_eps)
+
+
+def hc_maps_from_mixes(mixes: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, *, sinkhorn_iters: int,
+                       hc_eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The maps from the projected stream, mixes (B, S, (2+n)*n) fp32 -> pre, post, comb (the reference of
+    `dsv4.kernels.mhc_maps`)."""
+    n = hc_mult(mixes.shape[-1])
     pre, post, comb = mixes.split([n, n, n * n], dim=-1)
     base_pre, base_post, base_comb = base.float().split([n, n, n * n])
     s_pre, s_post, s_comb = scale.float().unbind(0)
@@ -31,6 +42,14 @@ def hc_maps(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.
     post = 2 * torch.sigmoid(post * s_post + base_post)
     comb = (comb * s_comb + base_comb).unflatten(-1, (n, n))
     return pre, post, sinkhorn(comb, sinkhorn_iters, hc_eps)
+
+
+def hc_mult(width: int) -> int:
+    """n from the width (2+n)*n = (n+1)^2 - 1 of the projection's output."""
+    n = math.isqrt(width + 1) - 1
+    if (2 + n) * n != width:
+        raise ValueError(f"mHC projection width {width} is not (2+n)*n for any n")
+    return n
 
 
 def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
