@@ -39,9 +39,12 @@ class Attention(nn.Module):
         self.compressor = Compressor(c, self.head_dim, self.ratio) if self.ratio else None
         self.indexer = Indexer(c) if self.ratio == 4 else None
 
-    def forward(self, x: torch.Tensor, views: list[AttnView], inv_freq: torch.Tensor,
-                step: TrainStep | None = None) -> torch.Tensor:
-        """x: (B, S, d) -> (B, S, d); each view attends only within itself (see `AttnView`)."""
+    def forward(self, x: torch.Tensor, views, inv_freq: torch.Tensor, step: TrainStep | None = None) -> torch.Tensor:
+        """x: (B, S, d) -> (B, S, d); each view attends only within itself (see `AttnView`).
+        `views` may instead be a `dsv4.paged.PagedBatch`: rows continue sequences of the paged FP8 pool."""
+        if not isinstance(views, list):
+            from . import paged
+            return paged.attend(self, x, views, inv_freq)
         if step is not None and self.indexer is not None and step.indexer_loss:
             step.indexer_kl[self.layer_id] = []  # (re)filled by `attend`, once per view
         if len(views) == 1 and views[0].rows == slice(None) and views[0].cols == slice(None):
@@ -53,16 +56,30 @@ class Attention(nn.Module):
                                               step)
         return out
 
+    def project(self, x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor):
+        """x (B, S, d) at positions (S,) or (B, S) -> q (B, S, H, D), kv (B, S, D) (both RoPE'd), the query
+        latent (B, S, q_lora_rank) the indexer shares, and the RoPE cos / sin for `output`."""
+        cos, sin = rope_cos_sin(positions, inv_freq)  # (..., S, rd/2)
+        q_latent = self.q_norm(self.wq_a(x))
+        q = rms_normalize(self.wq_b(q_latent).unflatten(-1, (self.n_heads, self.head_dim)), self.eps)
+        q = apply_rope(q, cos[..., None, :], sin[..., None, :])  # (B, S, H, D)
+        kv = apply_rope(self.kv_norm(self.wkv(x)), cos, sin)  # (B, S, D)
+        return q, kv, q_latent, cos, sin
+
+    def output(self, o: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Core attention output (B, S, H, D) -> de-rotated, grouped output projection -> (B, S, d)."""
+        B, S = o.shape[:2]
+        o = apply_rope(o, cos[..., None, :], -sin[..., None, :])  # undo the values' absolute rotation
+        # Grouped output projection: (B, S, H*D) -> g groups -> (B, S, g, d_g) -> (B, S, d).
+        o = o.reshape(B, S, self.n_groups, -1)
+        wo_a = self.wo_a.weight.view(self.n_groups, -1, o.shape[-1]).to(o.dtype)  # (g, d_g, H*D/g)
+        o = torch.einsum("bsgi,goi->bsgo", o, wo_a)
+        return self.wo_b(o.flatten(2))
+
     def attend(self, x: torch.Tensor, positions: torch.Tensor, cache: LayerCache,
                inv_freq: torch.Tensor, step: TrainStep | None = None) -> torch.Tensor:
         """x: (B, S, d) at absolute `positions` (S,) following what `cache` holds -> (B, S, d)."""
-        B, S, _ = x.shape
-        cos, sin = rope_cos_sin(positions, inv_freq)  # (S, rd/2)
-        q_latent = self.q_norm(self.wq_a(x))
-        q = rms_normalize(self.wq_b(q_latent).unflatten(-1, (self.n_heads, self.head_dim)), self.eps)
-        q = apply_rope(q, cos[:, None], sin[:, None])  # (B, S, H, D)
-        kv = apply_rope(self.kv_norm(self.wkv(x)), cos, sin)  # (B, S, D)
-
+        q, kv, q_latent, cos, sin = self.project(x, positions, inv_freq)
         window_kv = kv if cache.window is None else torch.cat((cache.window, kv), dim=1)
         cache.window = window_kv[:, max(0, window_kv.shape[1] - (self.window - 1)):]
         compressed = topk = None
@@ -75,13 +92,7 @@ class Attention(nn.Module):
 
         o = kernels.sparse_attention(q, window_kv, positions, compressed, topk, self.ratio, self.attn_sink,
                                      self.head_dim ** -0.5, self.window, self.rope_dim)
-        o = apply_rope(o, cos[:, None], -sin[:, None])  # undo the values' absolute rotation
-        # Grouped output projection: (B, S, H*D) -> g groups -> (B, S, g, d_g) -> (B, S, d).
-        o = o.reshape(B, S, self.n_groups, -1)
-        wo_a = self.wo_a.weight.view(self.n_groups, -1, o.shape[-1]).to(o.dtype)  # (g, d_g, H*D/g)
-        o = torch.einsum("bsgi,goi->bsgo", o, wo_a)
-        return self.wo_b(o.flatten(2))
-
+        return self.output(o, cos, sin)
 
     def train_indexer(self, x: torch.Tensor, q: torch.Tensor, q_latent: torch.Tensor, compressed: torch.Tensor,
                       positions: torch.Tensor, cache: LayerCache, inv_freq: torch.Tensor,

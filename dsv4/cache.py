@@ -27,10 +27,14 @@ class CompressorState:
     pending_gate: torch.Tensor | None = None  # (B, r, C) their gate logits (+ positional bias)
     overlap_kv: torch.Tensor | None = None  # (B, ratio, D) CSA: series-a half of the last finished block
     overlap_gate: torch.Tensor | None = None
+    # Entries finished before `entries` starts: 0 here; the paged cache keeps finished entries in its pool
+    # and hands the compressor only the state, with `base` = entries already in the pool (an int, or a
+    # (B, 1) tensor when the rows of a decode batch finish blocks at different indices).
+    base: int | torch.Tensor = 0
 
     @property
-    def num_entries(self) -> int:
-        return 0 if self.entries is None else self.entries.shape[1]
+    def num_entries(self) -> int | torch.Tensor:
+        return self.base + (0 if self.entries is None else self.entries.shape[1])
 
     def tensors(self) -> list[torch.Tensor]:
         return [t for t in (self.entries, self.pending_kv, self.pending_gate, self.overlap_kv, self.overlap_gate)

@@ -18,6 +18,7 @@ from . import kernels
 from .cache import CompressorState
 from .config import Config
 from .hooks import fake_quant_fp4
+from .kernels.fp8_kv import fake_quantize_index_keys
 from .layers import Linear, RMSNorm, apply_rope, rope_cos_sin
 
 
@@ -89,6 +90,15 @@ class Indexer(nn.Module):
         self.weights_proj = Linear(config.hidden_size, self.n_heads)
         self.compressor = Compressor(config, self.head_dim, self.ratio)
 
+    def queries(self, x: torch.Tensor, q_latent: torch.Tensor, positions: torch.Tensor,
+                inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> RoPE'd queries (B, S, Hi, Di) and head weights (B, S, Hi) fp32, already x Hi^-1/2.
+        positions: (S,) shared by the batch, or (B, S) (a decode batch of sequences at different positions)."""
+        q = self.wq_b(q_latent).unflatten(-1, (self.n_heads, self.head_dim))  # (B, S, Hi, Di)
+        cos, sin = rope_cos_sin(positions, inv_freq)
+        q = apply_rope(q, cos[..., None, :], sin[..., None, :])
+        return q, self.weights_proj(x).float() * self.n_heads ** -0.5
+
     def forward(self, x: torch.Tensor, q_latent: torch.Tensor, positions: torch.Tensor, state: CompressorState,
                 inv_freq: torch.Tensor, score_budget: int = 1 << 25, fp4: bool = False,
                 return_scores: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -103,12 +113,11 @@ class Indexer(nn.Module):
         if N == 0:
             none = torch.full((B, S, 0), -1, dtype=torch.long, device=x.device)
             return (none, x.new_zeros(B, S, 0, dtype=torch.float32)) if return_scores else none
-        q = self.wq_b(q_latent).unflatten(-1, (self.n_heads, self.head_dim))  # (B, S, Hi, Di)
-        cos, sin = rope_cos_sin(positions, inv_freq)
-        q = apply_rope(q, cos[:, None], sin[:, None])
+        if kernels.kv_fp8():  # see the keys as the compact cache stores them (`fp8_kv.fake_quantize_index_keys`)
+            keys = fake_quantize_index_keys(keys)
+        q, head_w = self.queries(x, q_latent, positions, inv_freq)
         if fp4:
             q, keys = fake_quant_fp4(q), fake_quant_fp4(keys)
-        head_w = self.weights_proj(x).float() * self.n_heads ** -0.5  # (B, S, Hi)
         visible = visible_entries(positions, self.ratio)  # (S,)
         k = min(self.topk, N)
         if not return_scores and kernels.use_triton(q):  # fused scoring + top-k (same tie rule)

@@ -19,6 +19,7 @@ from .hooks import TrainStep
 from .layers import Linear, RMSNorm
 from .mhc import hc_head_collapse
 from .mtp import MTP
+from .paged import PagedBatch
 
 
 class Transformer(nn.Module):
@@ -68,7 +69,8 @@ class Transformer(nn.Module):
         """input_ids (B, S) -> logits (B, S, vocab) in fp32.
 
         cache: None (the tokens are whole sequences from position 0), one `KVCache` the whole batch
-        continues, or one per row (rows at different positions: batched decoding of many sequences).
+        continues, one per row (rows at different positions: batched decoding of many sequences), or a
+        `dsv4.paged.PagedBatch` (rows continue slots of the compact FP8 paged pool).
         doc_ids (B, S), without a cache: packed documents; a token attends only within its document,
         whose positions restart at 0 (sample-level attention masking, §3.1).
         `return_hidden` also returns the final streams (B, S, n_hc, d) that the MTP blocks consume.
@@ -79,7 +81,13 @@ class Transformer(nn.Module):
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
         self._check_ids(input_ids)
-        views = self._views(input_ids, cache, doc_ids, lambda c: c.length)
+        if isinstance(cache, PagedBatch):
+            if doc_ids is not None or step is not None:
+                raise ValueError("the paged cache is for inference: no doc_ids / training step")
+            cache.begin(input_ids, self.config.max_position_embeddings)
+            views = cache
+        else:
+            views = self._views(input_ids, cache, doc_ids, lambda c: c.length)
         h = self.embed(input_ids)
         x = h.unsqueeze(2).expand(-1, -1, self.config.hc_mult, -1).contiguous()  # (B, S, n_hc, d)
         for layer in self.layers:
@@ -90,8 +98,11 @@ class Transformer(nn.Module):
                 x = checkpoint(_fresh_layer, layer, x, input_ids, views, inv_freq, step, use_reentrant=False)
             else:
                 x = layer(x, input_ids, views, inv_freq, step)
-        for v in views:
-            v.cache.length = int(v.positions[-1]) + 1
+        if isinstance(views, PagedBatch):
+            views.advance()
+        else:
+            for v in views:
+                v.cache.length = int(v.positions[-1]) + 1
         logits = self.logits(x[:, -1:] if last_only else x)
         return (logits, x) if return_hidden else logits
 
@@ -102,6 +113,8 @@ class Transformer(nn.Module):
         hidden: the trunk's final streams for positions p..p+S-1 (from `forward(..., return_hidden=True)`),
         next_ids: the tokens at p+1..p+S; cache / doc_ids as in `forward` (the MTP block keeps its own
         window in the cache and continues like the trunk)."""
+        if isinstance(cache, PagedBatch):
+            raise NotImplementedError("MTP blocks keep their window in the reference KVCache, not the paged pool")
         views = self._views(next_ids, cache, doc_ids, lambda c: c.mtp_length[depth])
         logits, _ = self.mtp[depth].predict(hidden, self.embed(next_ids), next_ids, views, self.inv_freq_main,
                                             self.head, step)

@@ -408,9 +408,10 @@ def test_model_forward_and_decode_through_triton():
 
 
 def test_fp8_kv_logits_close_to_model_dtype():
-    """FP8 KV (the official simulation: every window and compressed entry through the 584-byte record) vs
-    the model-dtype cache, on a random tiny model (whose MoE routing flips amplify any perturbation): logits
-    within 8 % relative L2 (measured 4.0 %) and the same argmax at >= 90 % of positions (measured 95.7 %)."""
+    """FP8 KV (what the paged cache stores: every window and compressed entry through the 584-byte record,
+    the indexer's keys through their 132-byte FP8 format) vs the model-dtype cache, on a random tiny model
+    (whose MoE routing flips amplify any perturbation): logits within 12 % relative L2 (measured 9.2 %; 4.0 %
+    with the KV records alone) and the same argmax at >= 88 % of positions (measured 91.4 %)."""
     config = preset("tiny").replace(compress_ratios=[4, 128, 0, 4], initializer_range=0.02)
     model = random_model(config, seed=5)
     ids = torch.randint(0, config.vocab_size, (1, 140), generator=torch.Generator().manual_seed(2))
@@ -418,8 +419,8 @@ def test_fp8_kv_logits_close_to_model_dtype():
         ref = model(ids)
         with kernels.simulate_fp8_kv():
             fp8 = model(ids)
-    assert 0 < rel_err(fp8, ref) < 0.08
-    assert (fp8.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9
+    assert 0 < rel_err(fp8, ref) < 0.12
+    assert (fp8.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.88
 
 
 def test_training_gets_gradients_through_the_seam():

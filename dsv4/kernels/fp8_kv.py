@@ -69,3 +69,33 @@ def views(records: torch.Tensor, head_dim: int, rope_dim: int):
     s = math.ceil(n / BLOCK)
     return (records[:, :n].view(torch.float8_e4m3fn), records[:, n:n + 2 * rope_dim].view(torch.bfloat16),
             records[:, n + 2 * rope_dim:n + 2 * rope_dim + s])
+
+
+# ---------------------------------------------------------------------- the lightning indexer's keys
+# Stored apart from the KV records (CSA only, `paged_cache`): "fp8" = 128 E4M3 + one fp32 scale (amax / 448),
+# 132 B for V4's 128 dims; "fp4" = E2M1 pairs + one UE8M0 byte per 32 dims, 68 B (the release's format).
+
+def quantize_index_keys(keys: torch.Tensor, fmt: str = "fp8") -> torch.Tensor:
+    """(..., Di) -> (..., index_key_bytes) uint8."""
+    if fmt == "fp8":
+        scale = (keys.float().abs().amax(-1, keepdim=True) / E4M3_MAX).clamp(min=1e-12)
+        q = (keys.float() / scale).to(torch.float8_e4m3fn).view(torch.uint8)
+        return torch.cat((q, scale.view(torch.uint8)), dim=-1)
+    from ..quant import quantize_fp4
+    packed, scale = quantize_fp4(keys.float())
+    return torch.cat((packed.view(torch.uint8), scale.view(torch.uint8)), dim=-1)
+
+
+def dequantize_index_keys(raw: torch.Tensor, index_dim: int, fmt: str = "fp8") -> torch.Tensor:
+    """(..., index_key_bytes) uint8 -> (..., Di) fp32."""
+    if fmt == "fp8":
+        scale = raw[..., index_dim:index_dim + 4].contiguous().view(torch.float32)
+        return raw[..., :index_dim].view(torch.float8_e4m3fn).float() * scale
+    from ..quant import dequantize_fp4
+    return dequantize_fp4(raw[..., :index_dim // 2].contiguous(), raw[..., index_dim // 2:].contiguous(),
+                          dtype=torch.float32)
+
+
+def fake_quantize_index_keys(keys: torch.Tensor, fmt: str = "fp8") -> torch.Tensor:
+    """What the indexer sees of its keys after a round trip through the paged cache's key format."""
+    return dequantize_index_keys(quantize_index_keys(keys, fmt), keys.shape[-1], fmt).to(keys.dtype)

@@ -41,8 +41,9 @@ def compressor_state_bytes(config: Config, ratio: int) -> int:
 @dataclass
 class _Group:
     ratio: int
-    table: torch.Tensor  # (max_seqs, max_blocks) int32, -1 = unallocated
+    table: torch.Tensor  # (max_seqs, max_blocks) int32, -1 = unallocated (what the kernels read)
     free: list[int]
+    host: list[list[int]]  # the same table on the host: allocation never waits for the device
 
 
 class PagedKVCache:
@@ -64,7 +65,7 @@ class PagedKVCache:
             n_blocks = math.ceil(max_tokens / r / block_size) + max_seqs
             max_per_seq = math.ceil(config.max_position_embeddings / r / block_size)
             self.groups[r] = _Group(r, torch.full((max_seqs, max_per_seq), -1, dtype=torch.int32, device=dev),
-                                    list(range(n_blocks - 1, -1, -1)))
+                                    list(range(n_blocks - 1, -1, -1)), [[] for _ in range(max_seqs)])
         self.window = {i: torch.zeros(max_seqs, config.sliding_window, self.entry_bytes, dtype=torch.uint8,
                                       device=dev) for i in self.layer_ids}
         self.entries, self.keys, self.state = {}, {}, {}
@@ -89,22 +90,31 @@ class PagedKVCache:
 
     def release(self, slot: int) -> None:
         for g in self.groups.values():
-            row = g.table[slot]
-            g.free.extend(int(b) for b in row[row >= 0].tolist())
-            row.fill_(-1)
+            g.free.extend(reversed(g.host[slot]))
+            g.host[slot] = []
+            g.table[slot].fill_(-1)
         self.active[slot], self.lengths[slot] = False, 0
+        for st in self.state.values():
+            st[slot].zero_()
 
     def _rows(self, ratio: int, slot: int, start: int, n: int) -> torch.Tensor:
         """Physical rows of entries [start, start + n) of `slot`, allocating blocks as needed."""
         g, bs = self.groups[ratio], self.block_size
-        table = g.table[slot]
-        for blk in range(start // bs, math.ceil((start + n) / bs)):
-            if int(table[blk]) < 0:
-                if not g.free:
-                    raise CacheFull(f"ratio-{ratio} pool is out of blocks; allocate with larger max_tokens")
-                table[blk] = g.free.pop()
-        idx = torch.arange(start, start + n, device=table.device)
-        return table[idx // bs].long() * bs + idx % bs
+        host = g.host[slot]
+        need = math.ceil((start + n) / bs)
+        if need > g.table.shape[1]:
+            raise CacheFull(f"slot {slot}: {start + n} ratio-{ratio} entries exceed max_position_embeddings")
+        if need > len(host):
+            if need - len(host) > len(g.free):
+                raise CacheFull(f"ratio-{ratio} pool is out of blocks ({len(g.free)} free, "
+                                f"{need - len(host)} needed); make the pool larger (max_tokens)")
+            first = len(host)
+            host.extend(g.free.pop() for _ in range(need - first))
+            g.table[slot, first:need] = torch.tensor(host[first:need], dtype=torch.int32).to(g.table.device,
+                                                                                          non_blocking=True)
+        blocks = torch.tensor(host[start // bs:need], dtype=torch.long)
+        idx = torch.arange(start, start + n)
+        return (blocks[idx // bs - start // bs] * bs + idx % bs).to(g.table.device, non_blocking=True)
 
     def num_entries(self, layer: int, slot: int) -> int:
         r = self.ratios[layer]
@@ -118,6 +128,34 @@ class PagedKVCache:
         slots = torch.arange(start_pos, start_pos + kv.shape[0], device=kv.device) % n_win
         self.window[layer][slot, slots] = fp8_kv.pack(*fp8_kv.quantize(kv, self.config.qk_rope_head_dim))
 
+    def write_window_tokens(self, layer: int, slots: list[int], kv: torch.Tensor, positions: list[int]) -> None:
+        """Decode: one token per sequence, kv (B, D) at `positions` -> each slot's ring."""
+        n_win = self.config.sliding_window
+        rows = torch.tensor([s * n_win + p % n_win for s, p in zip(slots, positions)]).to(kv.device, non_blocking=True)
+        self.window[layer].view(-1, self.entry_bytes)[rows] = fp8_kv.pack(*fp8_kv.quantize(kv, self.config.qk_rope_head_dim))
+
+    def read_window(self, layer: int, slot: int, end: int, n: int, dtype=torch.bfloat16) -> torch.Tensor:
+        """Reference read: the ring's tokens at positions [end - n, end), dequantised, oldest first (n < n_win)."""
+        n_win = self.config.sliding_window
+        assert n <= n_win and n <= end, (n, n_win, end)
+        rows = torch.arange(end - n, end, device=self.window[layer].device) % n_win
+        D, rd = self.config.head_dim, self.config.qk_rope_head_dim
+        return fp8_kv.dequantize(*fp8_kv.views(self.window[layer][slot, rows], D, rd), dtype=dtype)
+
+    def compressor_state(self, layer: int, indexer: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 views (max_seqs, rows, width) of a compressor's unfinished-block state: KV rows and gate logits.
+        Rows [0, ratio): the unfinished block's tokens by position % ratio (raw projections, gate without the
+        slot bias); CSA also keeps rows [ratio, 2 ratio) = series a of the last finished block (first
+        `dim` columns, gate with the slot bias: what the next block's overlap reads, `Compressor.forward`)."""
+        r, c = self.ratios[layer], self.config
+        coff = 2 if r == 4 else 1
+        dim = c.index_head_dim if indexer else c.head_dim
+        size = (coff * r) * (coff * dim)
+        start = 2 * (coff * r) * (coff * c.head_dim) if indexer else 0
+        flat = self.state[layer][:, start:start + 2 * size]
+        kv, gate = flat.view(self.max_seqs, 2, coff * r, coff * dim).unbind(1)
+        return kv, gate
+
     def write_entries(self, layer: int, slot: int, entries: torch.Tensor, start: int) -> None:
         """Finished compressed entries (n, D) with indices start.. of `slot`."""
         rows = self._rows(self.ratios[layer], slot, start, entries.shape[0])
@@ -128,25 +166,25 @@ class PagedKVCache:
         self.keys[layer][rows] = self.quantize_index_keys(keys)
 
     def quantize_index_keys(self, keys: torch.Tensor) -> torch.Tensor:
-        """(n, Di) -> (n, key bytes) uint8: FP8 E4M3 + fp32 scale (amax / 448), or packed FP4 + UE8M0."""
-        if self.index_keys == "fp8":
-            scale = (keys.float().abs().amax(-1, keepdim=True) / fp8_kv.E4M3_MAX).clamp(min=1e-12)
-            q = (keys.float() / scale).to(torch.float8_e4m3fn).view(torch.uint8)
-            return torch.cat((q, scale.view(torch.uint8)), dim=-1)
-        from ..quant import quantize_fp4
-        packed, scale = quantize_fp4(keys.float())
-        return torch.cat((packed.view(torch.uint8), scale.view(torch.uint8)), dim=-1)
+        """(n, Di) -> (n, key bytes) uint8 (`fp8_kv.quantize_index_keys` in this cache's format)."""
+        return fp8_kv.quantize_index_keys(keys, self.index_keys)
 
     def dequantize_index_keys(self, raw: torch.Tensor) -> torch.Tensor:
-        di = self.config.index_head_dim
-        if self.index_keys == "fp8":
-            return raw[:, :di].view(torch.float8_e4m3fn).float() * raw[:, di:di + 4].contiguous().view(torch.float32)
-        from ..quant import dequantize_fp4
-        return dequantize_fp4(raw[:, :di // 2].contiguous(), raw[:, di // 2:].contiguous(), dtype=torch.float32)
+        return fp8_kv.dequantize_index_keys(raw, self.config.index_head_dim, self.index_keys)
 
-    def gather_index_keys(self, layer: int, slot: int) -> torch.Tensor:
-        n = self.num_entries(layer, slot)
+    def gather_index_keys(self, layer: int, slot: int, n: int | None = None) -> torch.Tensor:
+        """Reference read: the first `n` (default: all finished) index keys of `slot`, fp32 (n, Di)."""
+        n = self.num_entries(layer, slot) if n is None else n
         return self.dequantize_index_keys(self.keys[layer][self._rows(4, slot, 0, n)])
+
+    def key_source(self, layer: int, slots: list[int]):
+        """The indexer decode kernel's view of the FP8 keys (`indexer_decode.KeySource`)."""
+        from .indexer_decode import KeySource
+        if self.index_keys != "fp8":
+            raise NotImplementedError("the indexer decode kernel reads FP8 keys; FP4 keys take the reference path")
+        di, raw = self.config.index_head_dim, self.keys[layer]
+        return KeySource(main=raw[:, :di].view(torch.float8_e4m3fn), scale=raw[:, di:di + 4].view(torch.float32)[:, 0],
+                         table=self.groups[4].table[slots].contiguous(), block_size=self.block_size)
 
     # ------------------------------------------------------------------ kernel views
     def window_source(self, layer: int, slots: list[int]) -> KVSource:
@@ -162,9 +200,9 @@ class PagedKVCache:
         table = self.groups[self.ratios[layer]].table[slots].contiguous()
         return KVSource(main=nope, rope=rope, scale=scale, table=table, block_size=self.block_size)
 
-    def gather_entries(self, layer: int, slot: int, dtype=torch.bfloat16) -> torch.Tensor:
-        """Reference read: entries of `slot` dequantised to (N, D)."""
-        n = self.num_entries(layer, slot)
+    def gather_entries(self, layer: int, slot: int, dtype=torch.bfloat16, n: int | None = None) -> torch.Tensor:
+        """Reference read: the first `n` (default: all finished) entries of `slot` dequantised to (n, D)."""
+        n = self.num_entries(layer, slot) if n is None else n
         rows = self._rows(self.ratios[layer], slot, 0, n)
         D, rd = self.config.head_dim, self.config.qk_rope_head_dim
         return fp8_kv.dequantize(*fp8_kv.views(self.entries[layer][rows], D, rd), dtype=dtype)
