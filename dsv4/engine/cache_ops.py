@@ -19,11 +19,12 @@ import torch
 from ..cache import CompressorState, KVCache, LayerCache
 from ..config import Config
 
-_STATE_FIELDS = [f.name for f in fields(CompressorState)]
+# The tensors of a compressor's state; `base` (entries held elsewhere) is 0 in a `KVCache`, which holds them all.
+_STATE_FIELDS = [f.name for f in fields(CompressorState) if f.name != "base"]
 
 
 def _copy_state(s: CompressorState | None, fn) -> CompressorState | None:
-    return None if s is None else CompressorState(**{k: fn(getattr(s, k)) for k in _STATE_FIELDS})
+    return None if s is None else CompressorState(**{k: fn(getattr(s, k)) for k in _STATE_FIELDS}, base=s.base)
 
 
 def _copy_layer(layer: LayerCache, fn) -> LayerCache:
