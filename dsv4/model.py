@@ -181,9 +181,11 @@ def keeps_fp32(name: str) -> bool:
 def init_weights(model: Transformer, seed: int = 0) -> Transformer:
     """Random initialisation for new models: N(0, initializer_range) for matrices and embeddings,
     neutral values for the rest (norm weights 1, mHC gates 1, biases / sinks / slot biases 0), and a
-    random token -> expert table for hash layers (distinct experts per token)."""
+    random token -> expert table for hash layers (distinct experts per token). Numbers are drawn on the
+    model's device (a big model initialises on the GPU in seconds; same seed, same device, same weights)."""
     c = model.config
-    gen = torch.Generator().manual_seed(seed)
+    device = model.embed.weight.device
+    gen = torch.Generator(device=device).manual_seed(seed)
     for name, p in model.named_parameters():
         leaf = name.rsplit(".", 1)[-1]
         if name.endswith("norm.weight") or leaf.endswith("_scale"):
@@ -191,10 +193,10 @@ def init_weights(model: Transformer, seed: int = 0) -> Transformer:
         elif leaf.endswith("_base") or leaf in ("ape", "attn_sink"):
             p.zero_()
         else:
-            p.copy_(torch.randn(p.shape, generator=gen) * c.initializer_range)
+            p.copy_(torch.randn(p.shape, generator=gen, device=device) * c.initializer_range)
     for name, b in model.named_buffers():
         if name.endswith("tid2eid"):
-            b.copy_(torch.rand(c.vocab_size, c.n_routed_experts, generator=gen).argsort(-1)[:, :b.shape[1]])
+            b.copy_(torch.rand(c.vocab_size, c.n_routed_experts, generator=gen, device=device).argsort(-1)[:, :b.shape[1]])
         elif name.endswith("gate.bias"):
             b.zero_()
     return model

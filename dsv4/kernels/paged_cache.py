@@ -112,9 +112,10 @@ class PagedKVCache:
             host.extend(g.free.pop() for _ in range(need - first))
             g.table[slot, first:need] = torch.tensor(host[first:need], dtype=torch.int32).to(g.table.device,
                                                                                           non_blocking=True)
-        blocks = torch.tensor(host[start // bs:need], dtype=torch.long)
-        idx = torch.arange(start, start + n)
-        return (blocks[idx // bs - start // bs] * bs + idx % bs).to(g.table.device, non_blocking=True)
+        dev = g.table.device
+        blocks = torch.tensor(host[start // bs:need], dtype=torch.long).to(dev, non_blocking=True)
+        idx = torch.arange(start, start + n, device=dev)
+        return blocks[idx // bs - start // bs] * bs + idx % bs
 
     def num_entries(self, layer: int, slot: int) -> int:
         r = self.ratios[layer]
