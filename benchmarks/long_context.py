@@ -124,6 +124,7 @@ def main(argv=None):
     ap.add_argument("--budget-s", type=float, default=None, help="stop prefill after this many seconds (see --state)")
     ap.add_argument("--state", default=None, help="file to save / resume the prefill state")
     ap.add_argument("--curve", default=None, help="JSON lines of per-chunk prefill throughput (+ a PNG)")
+    ap.add_argument("--profile", action="store_true", help="profile two decode steps after the timed ones")
     ap.add_argument("--dry", action="store_true", help="tiny model on CPU: checks the script runs")
     args = ap.parse_args(argv)
     device = "cpu" if args.dry else "cuda"
@@ -186,6 +187,16 @@ def main(argv=None):
         dt = time.perf_counter() - t
         emit(phase="decode", ctx=pool.lengths[slot], tokens=args.decode, decode_tok_s=round(args.decode / dt, 2),
              ms_per_token=round(1000 * dt / args.decode, 1), peak_gib=peak())
+        if args.profile:  # where a decode step's time goes (CPU launch overhead vs GPU kernels)
+            from torch.profiler import ProfilerActivity, profile
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+            with profile(activities=acts) as prof:
+                for _ in range(2):
+                    nxt = model(nxt, batch)[:, -1].argmax(-1, keepdim=True)
+                sync()
+            key = "cuda_time_total" if device == "cuda" else "cpu_time_total"
+            print(prof.key_averages().table(sort_by=key, row_limit=30), flush=True)
+            print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=30), flush=True)
     if curve:
         curve.close()
         plot(args.curve)
