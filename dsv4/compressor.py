@@ -53,23 +53,15 @@ class Compressor(nn.Module):
                 state.entries = kv.new_zeros(kv.shape[0], 0, self.head_dim)
             return state.entries
 
-        B, D, m = kv.shape[0], self.head_dim, self.ratio
+        D, m = self.head_dim, self.ratio
         kv = kv[:, :done].unflatten(1, (n_blocks, m))  # (B, n, m, width)
-        gate = gate[:, :done].unflatten(1, (n_blocks, m)) + self.ape
-        if self.overlap:
-            # Slots 0..m-1: series a of the previous block (none before block 0: weight 0);
-            # slots m..2m-1: series b of this block.
-            prev_kv = kv.new_zeros(B, 1, m, D) if state.overlap_kv is None else state.overlap_kv.unsqueeze(1)
-            prev_gate = (gate.new_full((B, 1, m, D), float("-inf")) if state.overlap_gate is None
-                         else state.overlap_gate.unsqueeze(1))
-            state.overlap_kv, state.overlap_gate = kv[:, -1, :, :D], gate[:, -1, :, :D]
-            kv = torch.cat((torch.cat((prev_kv, kv[:, :-1, :, :D]), 1), kv[..., D:]), dim=2)  # (B, n, 2m, D)
-            gate = torch.cat((torch.cat((prev_gate, gate[:, :-1, :, :D]), 1), gate[..., D:]), dim=2)
-        weights = gate.softmax(dim=2, dtype=torch.float32).to(kv.dtype)
-        entries = self.norm((kv * weights).sum(dim=2))  # (B, n, D)
-        positions = (torch.arange(n_blocks, device=x.device) + first_block) * m
-        cos, sin = rope_cos_sin(positions, inv_freq)
-        entries = apply_rope(entries, cos, sin)
+        gate = gate[:, :done].unflatten(1, (n_blocks, m))
+        prev_kv, prev_gate = state.overlap_kv, state.overlap_gate
+        if self.overlap:  # the next call's block 0 pools this call's last series a (its gate + slot bias)
+            state.overlap_kv, state.overlap_gate = kv[:, -1, :, :D], gate[:, -1, :, :D] + self.ape[:, :D]
+        # Slot softmax per channel, weighted sum, RMSNorm, RoPE at w * m (one launch on the Triton path).
+        entries = kernels.compress_blocks(kv, gate, self.ape, prev_kv, prev_gate, self.norm.weight, self.norm.eps,
+                                          inv_freq, first_block)  # (B, n, D)
         state.entries = entries if state.entries is None else torch.cat((state.entries, entries), dim=1)
         return state.entries
 
