@@ -5,7 +5,8 @@
 Layout over one process group of N ranks (NCCL on GPUs, gloo on CPU):
   data parallel     every rank takes B/N rows of each global batch (the same loader on every rank, so the
                     data order equals the one-process run); non-expert parameters are sharded with FSDP2
-                    (`fully_shard` per trunk block, then the root with embedding, head and MTP block), gradients averaged over ranks.
+                    (`fully_shard` per trunk block, then the root with embedding, head and MTP block), gradients
+                    averaged over ranks. The lightning indexers are replicated instead (see below).
   expert parallel   the routed experts of every MoE layer are split: rank r keeps experts
                     [r E/N, (r+1) E/N) and drops the rest. Dispatch is an all-gather of the tokens, their
                     routing weights and indices; each rank runs its own experts on every token routed to
@@ -13,6 +14,15 @@ Layout over one process group of N ranks (NCCL on GPUs, gloo on CPU):
                     (Simple and exact; an all-to-all dispatch that moves only routed tokens is the
                     bandwidth-efficient version and is not done here.) Expert gradients are therefore
                     computed over the global batch on their owner and are not reduced again.
+  replicated        every rank keeps whole lightning indexers; their gradients are all-reduced (averaged) once
+                    per optimizer step, and every rank takes the same optimizer step. Why not FSDP: in the
+                    indexer warm-up (report §3) the backbone is frozen and the indexer sees detached inputs, so
+                    no gradient reaches a block's output and FSDP2's pre-backward all-gather of the block never
+                    runs while backward reads the indexer's (resharded, freed) weights; an indexer shard group
+                    of its own does not help either, because the indexer runs once per packed document (a
+                    number that differs between ranks) and FSDP2 issues one all-gather per call. The cost is
+                    memory on every rank: V4-Flash's indexers are 0.23 B parameters (0.08 % of the model, 3 % of
+                    its non-expert part), ~2.7 GB as fp32 weights + gradients + Muon momentum.
 The router's balancing bias is a buffer updated from loads summed over ranks, so it stays identical.
 """
 
@@ -45,6 +55,7 @@ class Parallel:
 
         self.mesh = init_device_mesh(device_type, (self.world,))
         self._expert_params: list[nn.Parameter] = []
+        self._replicated_params: list[nn.Parameter] = []
 
     @classmethod
     def from_env(cls, expert_parallel: bool = True) -> "Parallel":
@@ -64,12 +75,15 @@ class Parallel:
     def parallelize(self, model: nn.Module) -> nn.Module:
         from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
+        from dsv4.compressor import Indexer
         from dsv4.moe import MoE
 
+        self._expert_params = []  # of this model (a process may build several Trainers)
         if self.expert_parallel:
             for moe in (m for m in model.modules() if isinstance(m, MoE)):
                 self._shard_experts(moe)
-        ignored = set(self._expert_params)
+        self._replicated_params = [p for m in model.modules() if isinstance(m, Indexer) for p in m.parameters()]
+        ignored = set(self._expert_params) | set(self._replicated_params)
         for block in model.layers:
             fully_shard(block, mesh=self.mesh, ignored_params=ignored)
         fully_shard(model, mesh=self.mesh, ignored_params=ignored)
@@ -106,15 +120,22 @@ class Parallel:
     @torch.no_grad()
     def finish_grads(self, model: nn.Module, max_norm: float) -> torch.Tensor:
         """After backward: expert gradients (summed over every rank's loss, each scaled by the world size)
-        are divided by the world size, as FSDP does for the rest; then global-norm clipping over all ranks.
-        Returns the gradient norm before clipping."""
+        are divided by the world size, as FSDP does for the rest; replicated gradients are averaged over
+        ranks; then global-norm clipping over all ranks. Returns the gradient norm before clipping."""
         for p in self._expert_params:
             if p.grad is not None:
                 p.grad.div_(self.world)
+        self._average_replicated_grads()
+        replicated = {id(p) for p in self._replicated_params}
         sq = torch.zeros((), dtype=torch.float64, device=self._device())
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        for g in grads:
-            local = g.to_local() if hasattr(g, "to_local") else g
+        grads = []
+        for p in model.parameters():
+            if p.grad is None:
+                continue
+            grads.append(p.grad)
+            if id(p) in replicated and self.rank != 0:
+                continue  # the same whole gradient on every rank: counted once
+            local = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
             sq += local.double().square().sum()
         norm = self.all_reduce(sq).sqrt().float()
         if max_norm:
@@ -122,6 +143,36 @@ class Parallel:
             for g in grads:
                 (g.to_local() if hasattr(g, "to_local") else g).mul_(coef.to(g.dtype))
         return norm
+
+    def reshard(self, model: nn.Module) -> None:
+        """Reshard every FSDP unit after a backward pass. FSDP2 does it in a callback that the first sharded
+        module whose output gets a gradient queues; in the indexer warm-up none does (backbone frozen,
+        replicated indexers on detached inputs), so the root, which stays gathered from forward to backward,
+        would stay gathered, its parameters keeping the requires_grad of the warm-up: the next phase would
+        give them no gradient. A no-op when FSDP2's callback ran."""
+        from torch.distributed.fsdp import FSDPModule
+
+        for m in model.modules():
+            if isinstance(m, FSDPModule):
+                m.reshard()
+
+    def _average_replicated_grads(self) -> None:
+        """One all-reduce for every trainable replicated parameter (the set is the same on every rank: it
+        depends on the phase only). A rank whose rows gave a parameter no gradient (say, no finished
+        compressed entry) adds zeros; one that no rank gave a gradient stays None, as in one process, so
+        the optimizer leaves it and its moments alone."""
+        params = [p for p in self._replicated_params if p.requires_grad]
+        if not params:
+            return
+        like = params[0]
+        flat = torch.cat([torch.tensor([p.grad is not None for p in params], dtype=like.dtype, device=like.device)]
+                         + [(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
+        dist.all_reduce(flat)
+        seen, offset = flat[:len(params)].tolist(), len(params)
+        for p, n in zip(params, seen):
+            g = flat[offset:offset + p.numel()].view_as(p)
+            offset += p.numel()
+            p.grad = g.div_(self.world) if n else None
 
     def _device(self) -> torch.device:
         return torch.device("cuda", torch.cuda.current_device()) if self.device_type == "cuda" else torch.device("cpu")

@@ -8,7 +8,7 @@ data-parallel ranks: the loss of a batch then does not depend on how its rows ar
 
 from __future__ import annotations
 
-from collections import deque
+from collections import UserDict, deque
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +30,15 @@ class LossParts:
     balance_count: float  # rows (per layer)
     indexer_sum: torch.Tensor  # sum over CSA layers and queries of KL(dense || indexer)
     indexer_count: float
+
+
+def make_train_step(**switches) -> TrainStep:
+    """A `TrainStep` for one training forward, its outputs kept in `UserDict`s. FSDP2 walks the arguments of
+    every sharded module's forward (dicts, lists, dataclasses) and rebuilds each container that holds a tensor
+    requiring grad, to hook its backward: once the first layer has recorded its balance loss or indexer KL,
+    every later block (and `mtp_logits`) would get a copy of the TrainStep, and what they record would never
+    reach the loss. A UserDict is not a dict, so FSDP2 leaves it, and the TrainStep, alone."""
+    return TrainStep(**switches, expert_load=UserDict(), balance_loss=UserDict(), indexer_kl=UserDict())
 
 
 def mtp_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

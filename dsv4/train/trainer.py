@@ -25,15 +25,13 @@ from pathlib import Path
 import torch
 
 from dsv4.checkpoint import save_checkpoint
-from dsv4.config import ConfigError
 from dsv4.errors import CheckpointError
-from dsv4.hooks import TrainStep
 from dsv4.model import Transformer
 from dsv4.optim import build_optimizer
 from dsv4.tokenizer import VOCAB_MAP_NAME, VocabMap
 from dsv4.train.config import TrainConfig
 from dsv4.train.data import IGNORE_INDEX, DataLoader
-from dsv4.train.recipe import RouterHistory, SpikeDetector, forward_losses, update_router_bias
+from dsv4.train.recipe import RouterHistory, SpikeDetector, forward_losses, make_train_step, update_router_bias
 
 # Train-config fields that must match a checkpoint to resume it: they fix the model, the data order and the
 # optimizer state's meaning. The others (steps, LR, intervals, ...) may change between runs.
@@ -57,11 +55,6 @@ class Trainer:
         self.dist = dist
         self.rank, self.world = (dist.rank, dist.world) if dist is not None else (0, 1)
         self.model_config = cfg.model_config()
-        if dist is not None and dist.device_type == "cpu" and cfg.indexer_warmup_steps:
-            # Seen with torch 2.13: FSDP2 over gloo crashes (SIGSEGV in backward) when whole shard groups get
-            # no gradient, which is what a frozen backbone means. Not seen to be needed on GPUs (NCCL).
-            raise ConfigError("indexer_warmup_steps > 0 is not supported for data-parallel CPU (gloo) runs; "
-                              "set it to 0 there, or run the warm-up in one process")
         torch.manual_seed(cfg.seed)
         self.model = Transformer(self.model_config, seed=cfg.seed).to(self.device)
         if dist is not None:
@@ -157,11 +150,12 @@ class Trainer:
             g["lr"] = lr
         self.router_history.push(self.model)
         anticipatory = self.spikes.active(step)
-        ts = TrainStep(attention="sparse" if phase == "sparse" else "dense",
-                       indexer_loss=phase == "indexer_warmup" or (phase == "sparse" and cfg.indexer_loss_in_sparse),
-                       fp4_experts=cfg.fp4_experts, fp4_indexer=cfg.fp4_indexer,
-                       route_with=self.router_history.oldest() if anticipatory else None,
-                       checkpoint=cfg.activation_checkpointing)
+        ts = make_train_step(attention="sparse" if phase == "sparse" else "dense",
+                             indexer_loss=phase == "indexer_warmup" or (phase == "sparse"
+                                                                        and cfg.indexer_loss_in_sparse),
+                             fp4_experts=cfg.fp4_experts, fp4_indexer=cfg.fp4_indexer,
+                             route_with=self.router_history.oldest() if anticipatory else None,
+                             checkpoint=cfg.activation_checkpointing)
         batch = self._local(next(self.loader))
         self._set_trainable(phase)
         self.model.train()
@@ -183,6 +177,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         (loss * self.world).backward()
         if self.dist is not None:
+            self.dist.reshard(self.model)
             grad_norm = self.dist.finish_grads(self.model, cfg.grad_clip)
         else:
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
@@ -231,8 +226,8 @@ class Trainer:
         for _ in range(cfg.eval_batches):
             raw = next(loader)
             b = self._local(raw)
-            ts = TrainStep(attention="sparse" if phase == "sparse" else "dense",
-                           fp4_experts=cfg.fp4_experts, fp4_indexer=cfg.fp4_indexer)
+            ts = make_train_step(attention="sparse" if phase == "sparse" else "dense",
+                                 fp4_experts=cfg.fp4_experts, fp4_indexer=cfg.fp4_indexer)
             parts = forward_losses(self.model, b["input_ids"], b["labels"], b["doc_ids"], ts, with_mtp=False)
             labels = raw["labels"][self._my_rows(raw)]
             oov = float(self._oov_nats[labels[labels >= 0]].sum()) if self.vocab_map is not None else 0.0
