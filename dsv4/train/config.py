@@ -4,6 +4,7 @@ defines: learning rate, sequence-length curriculum, attention phases. Loadable f
 Recipe (report §3), scaled by the fields below:
   LR        linear warm-up over `warmup_steps`, constant at `lr`, cosine decay over the last `decay_steps`
             to `min_lr_ratio * lr` (2e-4 -> 2e-5 in the report)
+  batch     `grad_accum` micro-batches of `batch_size` rows (all ranks together) per optimizer step
   length    `seq_len_schedule` = [[from_step, seq_len], ...] (report: 4K -> 16K -> 64K -> 1M); with
             `batch_tokens` > 0 the batch size follows as batch_tokens // seq_len (constant tokens per step)
   phases    "dense" for `dense_steps` (CSA attends to every finished compressed entry, the indexer is idle),
@@ -43,6 +44,7 @@ class TrainConfig:
     batch_size: int = 8
     seq_len_schedule: list = field(default_factory=lambda: [[0, 128]])  # [[from_step, seq_len], ...]
     batch_tokens: int = 0  # > 0: batch_size = batch_tokens // seq_len at each length
+    grad_accum: int = 1  # micro-batches per optimizer step (batch_size / batch_tokens are per micro-batch)
     # --- optimizer and schedule (report §3)
     optimizer: str = "muon"  # "muon" (Muon for matrices + AdamW for the rest) or "adamw" (AdamW for all)
     lr: float = 2e-4
@@ -88,7 +90,7 @@ class TrainConfig:
                 raise ConfigError(f"train config field `{name}`: {msg}")
 
         need(self.optimizer in ("muon", "adamw"), "optimizer", f"'muon' or 'adamw', got {self.optimizer!r}")
-        for name in ("steps", "batch_size", "keep_checkpoints", "checkpoint_every", "eval_batches"):
+        for name in ("steps", "batch_size", "grad_accum", "keep_checkpoints", "checkpoint_every", "eval_batches"):
             need(isinstance(getattr(self, name), int) and getattr(self, name) > 0, name, "must be a positive integer")
         for name in ("warmup_steps", "dense_steps", "indexer_warmup_steps", "batch_tokens", "eval_every",
                      "anticipatory_delay", "anticipatory_steps", "spike_warmup"):

@@ -144,6 +144,12 @@ class Parallel:
                 (g.to_local() if hasattr(g, "to_local") else g).mul_(coef.to(g.dtype))
         return norm
 
+    def gradient_sync(self, model: nn.Module, on: bool) -> None:
+        """Whether the next backward reduce-scatters gradients (FSDP2). Off for all but the last micro-batch
+        of a step: the unsharded gradients accumulate locally (memory: one unsharded gradient per shard group,
+        kept until the step's last backward) and cross the network once per step."""
+        model.set_requires_gradient_sync(on)
+
     def reshard(self, model: nn.Module) -> None:
         """Reshard every FSDP unit after a backward pass. FSDP2 does it in a callback that the first sharded
         module whose output gets a gradient queues; in the indexer warm-up none does (backbone frozen,

@@ -52,20 +52,26 @@ def mtp_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return next_ids, targets
 
 
+def target_counts(labels: torch.Tensor) -> tuple[float, float]:
+    """(next-token targets, MTP targets) of a batch: its loss normalisers, known before the forward."""
+    return float((labels != IGNORE_INDEX).sum()), float((mtp_targets(labels)[1] != IGNORE_INDEX).sum())
+
+
 def forward_losses(model: Transformer, input_ids: torch.Tensor, labels: torch.Tensor, doc_ids: torch.Tensor,
                    step: TrainStep, with_mtp: bool = True) -> LossParts:
     """One forward pass of the trunk (and the MTP block) on a packed batch, with training switches `step`."""
     logits, hidden = model(input_ids, doc_ids=doc_ids, return_hidden=True, step=step)
     lm_sum = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
-    lm_count = float((labels != IGNORE_INDEX).sum())
+    lm_count, mtp_count = target_counts(labels)
     zero = logits.new_zeros(())
-    mtp_sum, mtp_count = zero, 0.0
+    mtp_sum = zero
     if with_mtp and len(model.mtp):
         next_ids, targets = mtp_targets(labels)
         mtp_logits = model.mtp_logits(hidden, next_ids, doc_ids=doc_ids, step=step)
         mtp_sum = F.cross_entropy(mtp_logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
                                   reduction="sum")
-        mtp_count = float((targets != IGNORE_INDEX).sum())
+    else:
+        mtp_count = 0.0
     bal = list(step.balance_loss.values())
     balance_sum = torch.stack([b.sum() for b in bal]).sum() if bal else zero
     kl = [pair for pairs in step.indexer_kl.values() for pair in pairs]

@@ -31,7 +31,8 @@ from dsv4.optim import build_optimizer
 from dsv4.tokenizer import VOCAB_MAP_NAME, VocabMap
 from dsv4.train.config import TrainConfig
 from dsv4.train.data import IGNORE_INDEX, DataLoader
-from dsv4.train.recipe import RouterHistory, SpikeDetector, forward_losses, make_train_step, update_router_bias
+from dsv4.train.recipe import (RouterHistory, SpikeDetector, forward_losses, make_train_step, target_counts,
+                               update_router_bias)
 
 # Train-config fields that must match a checkpoint to resume it: they fix the model, the data order and the
 # optimizer state's meaning. The others (steps, LR, intervals, ...) may change between runs.
@@ -60,6 +61,7 @@ class Trainer:
         if dist is not None:
             self.model = dist.parallelize(self.model)
         self.optimizer = self._build_optimizer()
+        self._indexer_params = [p for name, p in self.model.named_parameters() if ".indexer." in name]
         tok = tokenizer
         if docs is None or val_docs is None:
             from dsv4.train.data import tokenize_corpus
@@ -141,6 +143,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
     def train_step(self) -> dict:
+        """One optimizer step over `grad_accum` micro-batches of `batch_size_at(step)` rows (over all ranks)."""
         cfg, step = self.config, self.step
         phase = cfg.phase_at(step)
         self.loader.set_seq_len(cfg.seq_len_at(step))
@@ -150,34 +153,51 @@ class Trainer:
             g["lr"] = lr
         self.router_history.push(self.model)
         anticipatory = self.spikes.active(step)
-        ts = make_train_step(attention="sparse" if phase == "sparse" else "dense",
-                             indexer_loss=phase == "indexer_warmup" or (phase == "sparse"
-                                                                        and cfg.indexer_loss_in_sparse),
-                             fp4_experts=cfg.fp4_experts, fp4_indexer=cfg.fp4_indexer,
-                             route_with=self.router_history.oldest() if anticipatory else None,
-                             checkpoint=cfg.activation_checkpointing)
-        batch = self._local(next(self.loader))
         self._set_trainable(phase)
         self.model.train()
         autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if cfg.bf16 else nullcontext())
-        with autocast:
-            parts = forward_losses(self.model, batch["input_ids"], batch["labels"], batch["doc_ids"], ts)
-        # Counts over all ranks; gradients are averaged over ranks, hence the factor `world`.
-        counts = self._all_reduce(torch.tensor([parts.lm_count, parts.mtp_count, parts.balance_count,
-                                                parts.indexer_count], dtype=torch.float64,
-                                               device=self.device)).tolist()
-        lm = parts.lm_sum / max(counts[0], 1)
-        mtp = parts.mtp_sum / max(counts[1], 1)
-        balance = parts.balance_sum / max(counts[2], 1)
-        indexer = parts.indexer_sum / max(counts[3], 1)
-        if phase == "indexer_warmup":  # backbone frozen: only the indexer's KL has gradients
-            loss = cfg.indexer_loss_weight * indexer
-        else:
-            loss = lm + cfg.mtp_weight * mtp + cfg.balance_weight * balance + cfg.indexer_loss_weight * indexer
+        micro = [self._local(next(self.loader)) for _ in range(cfg.grad_accum)]
+        # The step's loss normalisers (over every micro-batch and rank) before any forward, so that each
+        # micro-batch's loss is its share of the step's mean: k micro-batches of b rows give the gradient of one
+        # batch of k*b rows. Gradients are averaged over ranks, hence the factor `world` below.
+        n_lm, n_mtp, n_rows = self._all_reduce(torch.tensor(
+            [[*target_counts(b["labels"]), b["labels"].shape[0]] for b in micro], dtype=torch.float64,
+            device=self.device).sum(0)).tolist()
         self.optimizer.zero_grad(set_to_none=True)
-        (loss * self.world).backward()
+        sums = torch.zeros(5, dtype=torch.float64, device=self.device)  # lm, mtp, balance, KL; KL's count
+        load: dict[int, torch.Tensor] = {}
+        for i, b in enumerate(micro):
+            if self.dist is not None:  # reduce gradients over ranks once, after the last micro-batch
+                self.dist.gradient_sync(self.model, i == len(micro) - 1)
+            # detach_indexer: the KL trains the indexer only, and nothing else trains it (its top-k has no
+            # gradient), so its normaliser, known only after the forwards, can divide the indexer's gradients
+            # after the last micro-batch.
+            ts = make_train_step(attention="sparse" if phase == "sparse" else "dense",
+                                 indexer_loss=phase == "indexer_warmup" or (phase == "sparse"
+                                                                            and cfg.indexer_loss_in_sparse),
+                                 detach_indexer=True, fp4_experts=cfg.fp4_experts, fp4_indexer=cfg.fp4_indexer,
+                                 route_with=self.router_history.oldest() if anticipatory else None,
+                                 checkpoint=cfg.activation_checkpointing)
+            with autocast:
+                parts = forward_losses(self.model, b["input_ids"], b["labels"], b["doc_ids"], ts)
+            loss = cfg.indexer_loss_weight * parts.indexer_sum
+            if phase != "indexer_warmup":  # backbone frozen in the warm-up: only the indexer's KL has gradients
+                loss = loss + (parts.lm_sum / max(n_lm, 1) + cfg.mtp_weight * parts.mtp_sum / max(n_mtp, 1)
+                               + cfg.balance_weight * parts.balance_sum / max(n_rows, 1))
+            (loss * self.world).backward()
+            if self.dist is not None:
+                self.dist.reshard(self.model)
+            sums[:4] += torch.stack([parts.lm_sum, parts.mtp_sum, parts.balance_sum, parts.indexer_sum]).detach()
+            sums[4] += parts.indexer_count
+            for k, v in ts.expert_load.items():
+                load[k] = load[k] + v if k in load else v
+        totals = self._all_reduce(sums).tolist()
+        n_kl = totals[4]
+        lm_v, mtp_v, balance_v, kl_v = (x / max(n, 1) for x, n in zip(totals, (n_lm, n_mtp, n_rows, n_kl)))
+        for p in self._indexer_params:
+            if p.grad is not None:
+                p.grad.div_(max(n_kl, 1))
         if self.dist is not None:
-            self.dist.reshard(self.model)
             grad_norm = self.dist.finish_grads(self.model, cfg.grad_clip)
         else:
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
@@ -186,17 +206,14 @@ class Trainer:
         self.optimizer.step()
         imbalance = {}
         if phase != "indexer_warmup":
-            load = {k: self._all_reduce(v.float()) for k, v in sorted(ts.expert_load.items())}
+            load = {k: self._all_reduce(v.float()) for k, v in sorted(load.items())}
             imbalance = update_router_bias(self.model, load, cfg.bias_update_speed)
-        reported = self._all_reduce(torch.stack([parts.lm_sum, parts.mtp_sum, parts.indexer_sum]).detach().double()).cpu()
-        lm_v, mtp_v, idx_v = (reported / torch.tensor(counts[:2] + counts[3:]).clamp(min=1)).tolist()
         spike = self.spikes.update(step, lm_v) if phase != "indexer_warmup" else False
-        global_tokens = batch["input_ids"].numel() * self.world
+        global_tokens = sum(b["input_ids"].numel() for b in micro) * self.world
         self.tokens += global_tokens
         self.step += 1
         gn = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-        return {"step": step, "loss": lm_v, "mtp_loss": mtp_v, "indexer_kl": idx_v,
-                "balance": float(self._all_reduce(parts.balance_sum.detach().double()) / max(counts[2], 1)),
+        return {"step": step, "loss": lm_v, "mtp_loss": mtp_v, "indexer_kl": kl_v, "balance": balance_v,
                 "lr": lr, "tokens": self.tokens, "batch_tokens": global_tokens, "seq_len": self.loader.seq_len,
                 "phase": phase, "anticipatory": anticipatory, "spike": spike, "grad_norm": gn,
                 "max_load": max(imbalance.values()) if imbalance else None}
@@ -204,9 +221,9 @@ class Trainer:
     def _set_trainable(self, phase: str) -> None:
         """The indexer learns only in the warm-up and sparse phases, the backbone in all but the warm-up.
         Frozen parameters get no gradient, so the optimizer leaves them (and their moments) untouched."""
-        for name, p in self.model.named_parameters():
-            is_indexer = ".indexer." in name
-            p.requires_grad_(phase == "sparse" or (phase == "indexer_warmup") == is_indexer)
+        indexer = {id(p) for p in self._indexer_params}
+        for p in self.model.parameters():
+            p.requires_grad_(phase == "sparse" or (phase == "indexer_warmup") == (id(p) in indexer))
 
     def evaluate(self) -> float:
         """Mean next-token loss over `eval_batches` fixed validation batches at the current length."""
