@@ -1,5 +1,10 @@
 """Engine: batched == single-request greedy, prefix hit == miss (memory and disk), speculative == plain,
-batch invariance, sampling options, streaming, cancellation, memory budget. Tiny random model, token ids."""
+batch invariance, sampling options, streaming, cancellation, memory budget, the paged pool (slot reuse,
+admission, export / load). Tiny random model, token ids.
+
+The engine's default KV cache is the paged FP8 pool, whose model equals the reference model seeing KV
+through the same formats (`kernels.simulate_fp8_kv`); so paged outputs are compared with `generate` under
+that switch (`fp8_generate`), reference-mode outputs with plain `generate`."""
 
 import random
 import threading
@@ -8,11 +13,14 @@ import time
 import pytest
 import torch
 
+from dsv4 import kernels
 from dsv4.config import preset
 from dsv4.engine import Engine, EngineConfig, RequestRejected, SamplingParams
 from dsv4.engine import cache_ops
 from dsv4.engine.text import TextStream
 from dsv4.generate import generate
+from dsv4.kernels.paged_cache import PagedKVCache
+from dsv4.paged import PagedBatch
 
 from conftest import random_model
 
@@ -30,9 +38,21 @@ def prompts():
     return [torch.randint(2, 512, (n,), generator=gen).tolist() for n in LENGTHS]
 
 
+def fp8_generate(model, prompt, params):
+    """What one request gives on the paged pool: `generate` with KV rounded through the pool's formats."""
+    with kernels.simulate_fp8_kv():
+        return generate(model, prompt, params)
+
+
 @pytest.fixture(scope="module")
 def reference(model, prompts):
-    """Plain one-request greedy decoding (dsv4.generate), 24 tokens each: crosses compressor blocks."""
+    """One-request greedy decoding as on the paged pool, 24 tokens each: crosses compressor blocks."""
+    return [fp8_generate(model, p, SamplingParams(max_new_tokens=24)) for p in prompts]
+
+
+@pytest.fixture(scope="module")
+def plain_reference(model, prompts):
+    """The same with the model-dtype cache (kv_cache="reference", speculative decoding)."""
     return [generate(model, p, SamplingParams(max_new_tokens=24)) for p in prompts]
 
 
@@ -48,18 +68,20 @@ def toy_decode(ids):
     return "".join(chr(ord("a") + i % 26) for i in ids)
 
 
-def test_batched_equals_single_request(model, prompts, reference):
-    with Engine(model, EngineConfig(prefill_chunk=128, prefix_cache_bytes=0)) as engine:
+@pytest.mark.parametrize("kv", ["paged", "reference"])
+def test_batched_equals_single_request(model, prompts, reference, plain_reference, kv):
+    with Engine(model, EngineConfig(prefill_chunk=128, prefix_cache_bytes=0, kv_cache=kv)) as engine:
         outs = run_all(engine, prompts, SamplingParams(max_new_tokens=24), stagger=0.01)
         stats = engine.stats()
-    assert [o.token_ids for o in outs] == reference
+    assert stats["kv_cache"] == kv
+    assert [o.token_ids for o in outs] == (reference if kv == "paged" else plain_reference)
     assert all(o.finish_reason == "length" and o.usage.completion_tokens == 24 for o in outs)
     assert stats["running"] == 0 and stats["kv_reserved_bytes"] == 0
     # Fewer forwards than one per token per request: rows really shared forwards.
     assert stats["forward_passes"] < sum(24 + (n + 127) // 128 for n in LENGTHS)
 
 
-def test_prefix_hit_equals_miss_and_survives_restart(model, prompts, reference, tmp_path):
+def test_prefix_hit_equals_miss_and_survives_restart(model, prompts, reference, plain_reference, tmp_path):
     cfg = EngineConfig(prefill_chunk=128, prefix_dir=str(tmp_path))
     params = SamplingParams(max_new_tokens=24)
     with Engine(model, cfg) as engine:
@@ -79,7 +101,11 @@ def test_prefix_hit_equals_miss_and_survives_restart(model, prompts, reference, 
         assert engine.stats()["prefix_disk_loads"] >= 2
     assert [o.token_ids for o in restarted] == reference[3:]
     assert [o.usage.cached_tokens for o in restarted] == [128, 256] and extended.usage.cached_tokens == 128
-    assert extended.token_ids == generate(model, tail, params)
+    assert extended.token_ids == fp8_generate(model, tail, params)
+    # The other layout never reads these snapshots (its fingerprint differs): a miss, the right tokens.
+    with Engine(model, EngineConfig(prefill_chunk=128, prefix_dir=str(tmp_path), kv_cache="reference")) as engine:
+        other = engine.generate(prompts[3], params)
+    assert other.usage.cached_tokens == 0 and other.token_ids == plain_reference[3]
 
 
 def test_corrupt_prefix_file_is_a_miss(model, prompts, reference, tmp_path):
@@ -131,12 +157,15 @@ def oracle_drafter(prompts, reference, rate, seed=0):
 
 
 @pytest.mark.parametrize("rate", [0.0, 0.6, 1.0])
-def test_speculative_equals_plain_greedy(model, prompts, reference, rate):
+def test_speculative_equals_plain_greedy(model, prompts, plain_reference, rate):
+    """Speculation needs rollback, so it runs on the reference cache (switched to automatically)."""
+    reference = plain_reference
     drafter = oracle_drafter(prompts, reference, rate)
     with Engine(model, EngineConfig(prefill_chunk=128, speculative=True), drafter=drafter) as engine:
         outs = run_all(engine, prompts, SamplingParams(max_new_tokens=24), stagger=0.01)
         again = run_all(engine, prompts[3:], SamplingParams(max_new_tokens=24))  # from prefix snapshots
         stats = engine.stats()
+    assert stats["kv_cache"] == "reference"
     assert [o.token_ids for o in outs] == reference
     assert [o.token_ids for o in again] == reference[3:]
     assert stats["spec_drafted"] > 0
@@ -148,11 +177,11 @@ def test_speculative_equals_plain_greedy(model, prompts, reference, rate):
         assert 0.2 < stats["spec_accept_rate"] < 0.95
 
 
-def test_speculative_with_the_real_mtp_block(model, prompts, reference):
+def test_speculative_with_the_real_mtp_block(model, prompts, plain_reference):
     with Engine(model, EngineConfig(prefill_chunk=128, speculative=True)) as engine:
         outs = run_all(engine, prompts, SamplingParams(max_new_tokens=24))
         assert engine.stats()["spec_drafted"] > 0
-    assert [o.token_ids for o in outs] == reference
+    assert [o.token_ids for o in outs] == plain_reference
 
 
 def test_batch_invariant_mode(model, prompts):
@@ -189,7 +218,7 @@ def test_sampling_options(model, prompts, reference):
     cut = toy_decode(ref).find(stop_str)
     assert stopped.text == toy_decode(ref)[:cut] and stopped.finish_reason == "stop"
     assert stopped.stop_reason == stop_str
-    with torch.no_grad():
+    with torch.no_grad(), kernels.simulate_fp8_kv():
         full = model(torch.tensor([prompts[1] + ref[:2]]))[0, -3:].log_softmax(-1)
     for i, item in enumerate(lp.logprobs):
         assert item.token == ref[i]
@@ -226,17 +255,71 @@ def test_cancellation_frees_the_slot(model, prompts):
     assert stats["running"] == 0 and stats["kv_reserved_bytes"] == 0 and stats["finished"]["cancelled"] == 1
 
 
-def test_memory_budget(model, prompts):
-    one = cache_ops.estimate_bytes(model.config, 261 + 8, 4)
-    with Engine(model, EngineConfig(prefill_chunk=128, kv_budget_bytes=int(one * 1.5))) as engine:
+@pytest.mark.parametrize("kv", ["paged", "reference"])
+def test_memory_budget(model, prompts, kv):
+    if kv == "paged":  # a pool of 400 tokens (4 slots, blocks of 4 entries): one 269-token request fits, not two
+        budget = PagedKVCache(model.config, 4, 400, 4, device="meta").allocated_bytes()
+    else:
+        budget = int(cache_ops.estimate_bytes(model.config, 261 + 8, 4) * 1.5)
+    cfg = EngineConfig(prefill_chunk=128, kv_budget_bytes=budget, kv_cache=kv, max_batch=4, kv_block_size=4)
+    with Engine(model, cfg) as engine:
         with pytest.raises(RequestRejected, match="KV cache") as e:
             engine.submit(prompts[4], SamplingParams(max_new_tokens=3000))
-        assert e.value.code == "context_length_exceeded"
+        assert e.value.code == "context_length_exceeded" and "3000" in str(e.value)
         running = []
         handles = [engine.submit(prompts[4], SamplingParams(max_new_tokens=8),
                                  on_event=lambda ev: running.append(engine.stats()["running"])) for _ in range(3)]
         assert all(h.result(60).finish_reason == "length" for h in handles)
+        stats = engine.stats()
     assert max(running) == 1  # the budget admits one request at a time; the others waited
+    assert stats["requests_rejected"] == 1 and stats["kv_reserved_bytes"] == 0 and stats["finished"] == {"length": 3}
+    if kv == "paged":
+        assert stats["kv_pool_tokens"] == 400 and stats["kv_pool_bytes"] <= budget
+        assert stats["kv_pool_slots_used"] == 0
+        with pytest.raises(ValueError, match="max_batch=64"):  # the slots' own state does not fit
+            Engine(model, EngineConfig(prefill_chunk=128, kv_budget_bytes=budget))
+
+
+def test_many_requests_over_few_slots(model):
+    """16 concurrent requests through a 3-slot pool: slots and blocks are reused, every output is right."""
+    gen = torch.Generator().manual_seed(11)
+    ps = [torch.randint(2, 512, (n,), generator=gen).tolist() for n in (5, 30, 61, 90)]
+    params = SamplingParams(max_new_tokens=6)
+    with Engine(model, EngineConfig(prefill_chunk=128, max_batch=3, kv_block_size=4, prefix_cache_bytes=0)) as engine:
+        running = []
+        handles = [engine.submit(ps[i % 4], params,
+                                 on_event=lambda ev: running.append(engine.stats()["kv_pool_slots_used"]))
+                   for i in range(16)]
+        outs = [h.result(120) for h in handles]
+        stats = engine.stats()
+    want = [fp8_generate(model, p, params) for p in ps]
+    assert [o.token_ids for o in outs] == [want[i % 4] for i in range(16)]
+    assert max(running) == 3 and stats["kv_pool_slots_used"] == 0 and stats["kv_reserved_bytes"] == 0
+    assert stats["finished"] == {"length": 16}
+    assert stats["forward_passes"] < 16 * 6  # decoding rows shared forwards
+
+
+def test_paged_export_load_round_trip(model, prompts):
+    """A slot exported after 150 tokens and loaded into another pool (other slot, other block size)
+    continues exactly as the original; tensors of another layout are refused before anything is written."""
+    ids = torch.tensor([prompts[4]])
+    a = PagedKVCache(model.config, 2, 512, 4)
+    b = PagedKVCache(model.config, 3, 512, 16)
+    sa, _, sb = a.allocate(), b.allocate(), b.allocate()
+    with torch.no_grad():
+        model(ids[:, :150], PagedBatch(a, [sa]))
+        state = a.export(sa)
+        b.load(sb, state)
+        assert b.lengths[sb] == 150 and all(torch.equal(v, state[k]) for k, v in b.export(sb).items())
+        for t in range(150, 160):  # each pool decodes the same tokens
+            la, lb = (model(ids[:, t:t + 1], PagedBatch(p, [s])) for p, s in ((a, sa), (b, sb)))
+            assert torch.equal(la, lb)
+    other = PagedKVCache(model.config, 1, 512, 4, index_keys="fp4")
+    with pytest.raises(ValueError, match="keys"):
+        other.load(other.allocate(), state)
+    assert other.lengths[0] == 0
+    with pytest.raises(ValueError, match="empty"):
+        b.load(sb, state)
 
 
 def test_bad_requests(model):

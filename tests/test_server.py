@@ -1,9 +1,10 @@
 """The HTTP server against the official `openai` client, live on 127.0.0.1.
 
 The real engine with the tiny random model serves chat / stream / completions / errors / concurrency /
-disconnects (greedy, compared token for token with `dsv4.generate`). Tool calls and reasoning need a
-model that writes DSML: a scripted engine (same public API as `dsv4.engine.Engine`) replays canned
-completions token by token through the real tokenizer, so the server's parsing path is the one tested."""
+disconnects (greedy, compared token for token with `dsv4.generate` seeing KV in the paged pool's FP8
+formats). Tool calls and reasoning need a model that writes DSML: a scripted engine (same public API as
+`dsv4.engine.Engine`) replays canned completions token by token through the real tokenizer, so the
+server's parsing path is the one tested."""
 
 import asyncio
 import json
@@ -15,6 +16,7 @@ import openai
 import pytest
 import uvicorn
 
+from dsv4 import kernels
 from dsv4.chat import encode_messages
 from dsv4.config import preset
 from dsv4.engine import Engine, EngineConfig, Event, SamplingParams, Usage
@@ -70,10 +72,16 @@ def client(live):
     return openai.OpenAI(base_url=live[0].url + "/v1", api_key=KEY, max_retries=0)
 
 
+def fp8_generate(model, ids, params, **kw):
+    """Greedy decoding as the engine's default paged FP8 pool computes it (KV rounded through its formats)."""
+    with kernels.simulate_fp8_kv():
+        return generate(model, ids, params, **kw)
+
+
 def expected(model, tok, messages, n, mode="chat"):
     """What greedy decoding of the rendered prompt gives, without the server."""
     ids = [t % 512 for t in tok.encode(encode_messages(messages, thinking_mode=mode))]
-    out = generate(model, ids, SamplingParams(max_new_tokens=n), stop_ids={1})
+    out = fp8_generate(model, ids, SamplingParams(max_new_tokens=n), stop_ids={1})
     return ids, out
 
 
@@ -113,7 +121,7 @@ def test_chat_stream_equals_non_stream(client):
 
 def test_completions_models_health_metrics(client, live, model, tok):
     r = client.completions.create(model="tiny", prompt=[5, 6, 7, 8], max_tokens=6, temperature=0, logprobs=1)
-    out = generate(model, [5, 6, 7, 8], SamplingParams(max_new_tokens=6))
+    out = fp8_generate(model, [5, 6, 7, 8], SamplingParams(max_new_tokens=6))
     assert r.choices[0].text == tok.decode(out) and r.usage.completion_tokens == 6
     assert len(r.choices[0].logprobs.token_logprobs) == 6
     streamed = "".join(c.choices[0].text for c in client.completions.create(
@@ -124,6 +132,7 @@ def test_completions_models_health_metrics(client, live, model, tok):
     metrics = httpx.get(live[0].url + "/metrics").text
     assert "# TYPE dsv4_generation_tokens_total counter" in metrics
     assert any(line.startswith("dsv4_requests_running ") for line in metrics.splitlines())
+    assert any(line.startswith("dsv4_kv_pool_tokens ") for line in metrics.splitlines())  # the paged pool
 
 
 def test_errors_are_openai_json(client, live):

@@ -1,12 +1,12 @@
-"""Operations on the per-sequence `KVCache` that the engine needs and the model does not: snapshots for
-speculative rollback and prefix caching, (de)serialisation for the on-disk prefix store, and a byte
-estimate for the memory budget.
+"""Operations on the caches that the engine needs and the model does not: for the per-sequence `KVCache`,
+snapshots for speculative rollback and prefix caching, (de)serialisation for the on-disk prefix store and
+a byte estimate for the memory budget; for the paged pool, its size under a byte budget.
 
-They work on the cache's public dataclass fields only. The reference model never writes into a cache
-tensor in place: every forward *replaces* `window`, `entries`, `pending_*` and `overlap_*` by new
-tensors (cat / slice). So a snapshot is a structural copy that shares the tensors, O(layers) and free of
-copies. A cache that mutates in place (the FP8 paged pool being built in dsv4/kernels/) swaps this
-module for one with real copies; `tests/test_engine.py` (speculative == plain) fails if that is forgotten.
+The `KVCache` functions work on the cache's public dataclass fields only. The reference model never writes
+into a cache tensor in place: every forward *replaces* `window`, `entries`, `pending_*` and `overlap_*` by
+new tensors (cat / slice). So a snapshot is a structural copy that shares the tensors, O(layers) and free
+of copies. The paged pool is written in place: its prefix snapshots are real copies
+(`PagedKVCache.export` / `load`), and speculative decoding, which needs rollback, runs on `KVCache`s.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import torch
 
 from ..cache import CompressorState, KVCache, LayerCache
 from ..config import Config
+from ..kernels.paged_cache import PagedKVCache
 
 # The tensors of a compressor's state; `base` (entries held elsewhere) is 0 in a `KVCache`, which holds them all.
 _STATE_FIELDS = [f.name for f in fields(CompressorState) if f.name != "base"]
@@ -108,3 +109,25 @@ def _compressor_elems(n: int, ratio: int, dim: int) -> int:
     pending = 2 * ratio * width  # kv + gate of the unfinished block
     overlap = 2 * ratio * dim if ratio == 4 else 0
     return entries + pending + overlap
+
+
+def paged_pool(config: Config, budget: int, max_seqs: int, block_size: int,
+               device: torch.device | str) -> tuple[PagedKVCache, int]:
+    """The paged pool with `max_seqs` slots and room for the most tokens whose `allocated_bytes()` fits
+    `budget` (and no more than `max_seqs` full contexts) -> (pool, its tokens). Sized by building candidates
+    on the meta device, so the count is the pool's own, not a formula that could drift from it."""
+    def size(tokens: int) -> int:
+        return PagedKVCache(config, max_seqs, tokens, block_size, device="meta").allocated_bytes()
+
+    fixed = size(0)  # window rings, state rows, block tables and one spare block per slot and ratio
+    if fixed > budget:
+        raise ValueError(f"a KV budget of {budget / 2**20:.1f} MiB cannot hold the paged pool's per-sequence "
+                         f"state for max_batch={max_seqs} ({fixed / 2**20:.1f} MiB before any token); raise "
+                         f"the budget or lower max_batch")
+    lo, hi = 0, max_seqs * config.max_position_embeddings
+    if size(hi) <= budget:
+        lo = hi
+    while lo < hi:  # size() is monotone in tokens: the largest that fits
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if size(mid) <= budget else (lo, mid - 1)
+    return PagedKVCache(config, max_seqs, lo, block_size, device=device), lo

@@ -1,19 +1,29 @@
-"""The serving engine: many requests decoded together over per-sequence caches (continuous batching).
+"""The serving engine: many requests decoded together over one paged KV pool (continuous batching).
 
 One background thread owns the model and loops:
-  1. admit waiting requests while the batch and the KV budget allow (looking up the prefix cache),
+  1. admit waiting requests while the batch and the KV pool allow (looking up the prefix cache),
   2. prefill: one chunk of each prefilling request (requests whose chunks have equal length share a
      forward; chunk ends are fixed multiples of `prefill_chunk`, so chunking never depends on the batch),
-  3. decode: one forward over every running request, each row continuing its own `KVCache` at its own
-     position (`Transformer.forward` with a list of caches), then per-row sampling, stop checks, events.
+  3. decode: one forward over every running request, each row continuing its own sequence at its own
+     position, then per-row sampling, stop checks, events.
 Requests join and leave between iterations. Everything a caller needs is the public API below
 (`Engine.submit` / `generate` / `stats`, `RequestHandle`, `Event`); the HTTP server uses nothing else.
+
+KV cache (`EngineConfig.kv_cache`): "paged" (default) keeps every request in a slot of one compact FP8
+pool (`dsv4.kernels.paged_cache.PagedKVCache`, §2.3.4), sized once from the KV budget; a decode step is
+one forward over `PagedBatch(pool, slots)`, whose kernels read the pool's blocks. A request is admitted
+only when the pool's unreserved blocks cover its worst case (prompt + max_tokens), so a running request
+never runs out of blocks. "reference" keeps one model-dtype `KVCache` per request and loops attention
+per sequence (slow on a GPU); speculative decoding always runs on it (see below).
 
 Speculative decoding (MTP, §2 of the report; greedy requests): the MTP block drafts the token after the
 pending one, the trunk verifies [pending, draft] in one 2-token forward. Accepted: two tokens for one
 trunk forward. Rejected: the trunk's own token is kept (what plain decoding would have produced), the
 trunk cache is restored from a snapshot taken before the verify and the pending token is fed again.
 The MTP cache never sees a rejected draft: it consumes (h_i, t_{i+1}) pairs only once t_{i+1} is final.
+The restore is free on `KVCache`s (a forward replaces their tensors, `cache_ops`); the paged pool is
+written in place and the MTP block keeps its window in a `KVCache` only, so `speculative=True` switches
+the engine to kv_cache="reference".
 """
 
 from __future__ import annotations
@@ -36,6 +46,7 @@ import torch
 from ..cache import KVCache
 from ..generate import SamplingParams, sample, token_logprobs
 from ..model import Transformer
+from ..paged import PagedBatch
 from . import cache_ops
 from .prefix import PrefixEntry, PrefixStore, block_keys
 from .text import TextStream
@@ -61,10 +72,13 @@ class EngineClosed(EngineError):
 
 @dataclass
 class EngineConfig:
-    max_batch: int = 64  # requests decoded together
+    max_batch: int = 64  # requests decoded together (= slots of the paged pool)
     prefill_chunk: int = 512  # tokens per prefill forward; a multiple of the prefix block
     prefill_tokens_per_step: int = 2048  # prefill tokens per iteration, so decoding rows keep moving
-    kv_budget_bytes: int | None = None  # reserved KV cache of running requests; None = a share of free memory
+    kv_cache: str = "paged"  # "paged": one FP8 pool, one forward per decode step; "reference": a KVCache each
+    kv_block_size: int = 64  # compressed entries per block of the paged pool
+    kv_budget_bytes: int | None = None  # paged: the pool's size; reference: KV reserved by running requests;
+    # None = a share of free memory
     prefix_cache_bytes: int = 1 << 30  # in-memory prefix store (LRU by bytes); 0 = no prefix caching
     prefix_dir: str | None = None  # on-disk prefix store (survives restarts); None = memory only
     prefix_disk_bytes: int | None = None  # cap of the on-disk store (oldest files go first)
@@ -169,12 +183,14 @@ class _Request:
     params: SamplingParams
     handle: RequestHandle
     on_event: Callable[[Event], None] | None
-    reserved: int
+    reserved: int  # bytes: reference, the KVCache estimate; paged, the bytes of the pool blocks in `blocks`
+    blocks: dict[int, int]  # paged: pool blocks reserved per compression ratio (the worst case)
     spec: bool
     text: TextStream | None
     generator: torch.Generator | None
     submitted: float
-    cache: KVCache | None = None
+    cache: KVCache | None = None  # reference
+    slot: int | None = None  # paged
     pos: int = 0  # prompt tokens the trunk has consumed
     cached: int = 0  # of which from the prefix cache
     pending: int | None = None  # last generated token, emitted but not yet fed to the trunk
@@ -230,13 +246,37 @@ class Engine:
                              f"of the compression ratios), so chunk ends can be prefix-cache points")
         if cfg.speculative and not c.num_nextn_predict_layers:
             raise ValueError("speculative decoding needs an MTP block (num_nextn_predict_layers >= 1)")
+        if cfg.kv_cache not in ("paged", "reference"):
+            raise ValueError(f"kv_cache={cfg.kv_cache!r}: choose 'paged' or 'reference'")
+        self.kv_cache = cfg.kv_cache
+        if cfg.speculative and self.kv_cache == "paged":
+            log.info("speculative decoding rolls rejected drafts back, which the in-place paged pool cannot: "
+                     "using kv_cache='reference'")
+            self.kv_cache = "reference"
         self.element_size = model.embed.weight.element_size()
         self.kv_budget = cfg.kv_budget_bytes if cfg.kv_budget_bytes is not None else _default_budget(self.device)
-        self.fingerprint = model_fingerprint(model) + ("-mtp" if cfg.speculative else "")
+        self.pool, self.pool_tokens = None, 0
+        if self.kv_cache == "paged":
+            self.pool, self.pool_tokens = cache_ops.paged_pool(c, self.kv_budget, cfg.max_batch, cfg.kv_block_size,
+                                                               self.device)
+            self._total_blocks = {r: len(g.free) for r, g in self.pool.groups.items()}
+            self._free_blocks = dict(self._total_blocks)  # not reserved by admitted requests
+            # Pool bytes of one block of each ratio group, summed over the group's layers (records + index keys).
+            self._block_bytes = {r: 0 for r in self.pool.groups}
+            for i, r in self.pool.ratios.items():
+                if r:
+                    keys = self.pool.keys[i].shape[1] if i in self.pool.keys else 0
+                    self._block_bytes[r] += (self.pool.entry_bytes + keys) * self.pool.block_size
+            log.info("paged KV pool: %d slots, %d tokens, %.1f MiB of a %.1f MiB budget", cfg.max_batch,
+                     self.pool_tokens, self.pool.allocated_bytes() / 2**20, self.kv_budget / 2**20)
+        # The layout is part of the fingerprint: a prefix store never serves a snapshot of the other kind.
+        self.fingerprint = model_fingerprint(model) + ("-mtp" if cfg.speculative else "") + \
+            (f"-paged-{self.pool.index_keys}" if self.pool is not None else "")
         self.prefix: PrefixStore | None = None
         if cfg.prefix_cache_bytes > 0:
             disk = os.path.join(cfg.prefix_dir, self.fingerprint) if cfg.prefix_dir else None
-            self.prefix = PrefixStore(c, cfg.prefix_cache_bytes, disk, self.device, cfg.prefix_disk_bytes)
+            self.prefix = PrefixStore(c, cfg.prefix_cache_bytes, disk, self.device, cfg.prefix_disk_bytes,
+                                      layout=self.kv_cache)
         self._cv = threading.Condition()
         self._incoming: list[_Request] = []
         self._cancels: set[str] = set()
@@ -285,21 +325,15 @@ class Engine:
         prompt = [int(t) for t in prompt_ids]
         self._validate(prompt, params)
         rid = request_id or f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
-        reserved = cache_ops.estimate_bytes(self.model.config, len(prompt) + params.max_new_tokens, self.element_size)
-        if reserved > self.kv_budget:
-            self._counters["requests_rejected"] += 1
-            raise RequestRejected(
-                f"a prompt of {len(prompt)} tokens + max_tokens={params.max_new_tokens} needs "
-                f"{reserved / 2**20:.1f} MiB of KV cache, more than the engine's budget of "
-                f"{self.kv_budget / 2**20:.1f} MiB; shorten the prompt, lower max_tokens or raise the budget "
-                f"(--kv-budget-gib)", code="context_length_exceeded", param="messages")
+        reserved, blocks = self._reservation(len(prompt), params.max_new_tokens)
         generator = None
         if params.seed is not None and params.temperature > 0:
             generator = torch.Generator(device=self.device).manual_seed(params.seed)
         text = TextStream(self.decode, params.stop) if self.decode is not None else None
         handle = RequestHandle(rid, self)
         spec = self.config.speculative and params.temperature == 0
-        req = _Request(rid, prompt, params, handle, on_event, reserved, spec, text, generator, time.monotonic())
+        req = _Request(rid, prompt, params, handle, on_event, reserved, blocks, spec, text, generator,
+                       time.monotonic())
         with self._cv:
             if self._closing:
                 raise EngineClosed("the engine is shut down")
@@ -320,11 +354,19 @@ class Engine:
     def stats(self) -> dict:
         """Counters and gauges for monitoring (the server's /metrics)."""
         out = dict(self._counters)
-        out.update(running=len(self._active), waiting=len(self._waiting) + len(self._incoming),
-                   kv_reserved_bytes=self._reserved, kv_budget_bytes=self.kv_budget,
-                   kv_used_bytes=sum(r.cache.nbytes() for r in list(self._active) if r.cache is not None),
-                   ttft_seconds_sum=self._ttft_sum, ttft_count=self._ttft_count,
+        active = list(self._active)
+        if self.pool is None:
+            used = sum(r.cache.nbytes() for r in active if r.cache is not None)
+        else:  # what the sequences occupy (the analyser's terms), not the pool's preallocated capacity
+            slots = [r.slot for r in active]  # read once: the engine thread may release one meanwhile
+            used = sum(sum(self.pool.used_bytes(s).values()) for s in slots if s is not None)
+        out.update(running=len(active), waiting=len(self._waiting) + len(self._incoming),
+                   kv_cache=self.kv_cache, kv_reserved_bytes=self._reserved, kv_budget_bytes=self.kv_budget,
+                   kv_used_bytes=used, ttft_seconds_sum=self._ttft_sum, ttft_count=self._ttft_count,
                    finished=dict(self._finished))
+        if self.pool is not None:
+            out.update(kv_pool_bytes=self.pool.allocated_bytes(), kv_pool_tokens=self.pool_tokens,
+                       kv_pool_slots=self.pool.max_seqs, kv_pool_slots_used=sum(self.pool.active))
         if self.prefix is not None:
             out.update(prefix_store_entries=len(self.prefix), prefix_store_bytes=self.prefix.nbytes,
                        **{f"prefix_{k}": v for k, v in self.prefix.stats.items()})
@@ -349,6 +391,31 @@ class Engine:
                 code="context_length_exceeded", param="max_tokens")
         if params.stop and self.decode is None:
             raise RequestRejected("stop strings need a tokenizer; this engine has none", param="stop")
+
+    def _reservation(self, n_prompt: int, max_new: int) -> tuple[int, dict[int, int]]:
+        """KV a request may need at most -> (bytes, pool blocks per ratio); RequestRejected if it can never fit.
+        The worst case counts prompt + max_tokens tokens (one more than a sequence ever feeds)."""
+        n = n_prompt + max_new
+        ask = f"a prompt of {n_prompt} tokens + max_tokens={max_new}"
+        fix = "shorten the prompt, lower max_tokens or raise the budget (--kv-budget-gib)"
+        if self.pool is None:
+            reserved = cache_ops.estimate_bytes(self.model.config, n, self.element_size)
+            if reserved > self.kv_budget:
+                self._counters["requests_rejected"] += 1
+                raise RequestRejected(
+                    f"{ask} needs {reserved / 2**20:.1f} MiB of KV cache, more than the engine's budget of "
+                    f"{self.kv_budget / 2**20:.1f} MiB; {fix}", code="context_length_exceeded", param="messages")
+            return reserved, {}
+        bs = self.pool.block_size
+        blocks = {r: math.ceil(n // r / bs) for r in self._total_blocks}  # blocks of finished entries
+        for r, b in blocks.items():
+            if b > self._total_blocks[r]:
+                self._counters["requests_rejected"] += 1
+                raise RequestRejected(
+                    f"{ask} needs {b} blocks of {bs} ratio-{r} entries in the paged KV cache pool, which holds "
+                    f"{self._total_blocks[r]} ({self.pool_tokens} tokens, {self.pool.allocated_bytes() / 2**20:.1f} "
+                    f"MiB); {fix}", code="context_length_exceeded", param="messages")
+        return sum(b * self._block_bytes[r] for r, b in blocks.items()), blocks
 
     def _cancel(self, request_id: str) -> None:
         with self._cv:
@@ -377,8 +444,12 @@ class Engine:
             self._finish(r, "cancelled")
 
     def _admissible(self) -> bool:
-        return bool(self._waiting) and len(self._active) < self.config.max_batch and \
-            self._reserved + self._waiting[0].reserved <= self.kv_budget
+        if not self._waiting or len(self._active) >= self.config.max_batch:
+            return False
+        r = self._waiting[0]
+        if self.pool is None:
+            return self._reserved + r.reserved <= self.kv_budget
+        return all(b <= self._free_blocks[k] for k, b in r.blocks.items())
 
     def _step(self, cancels: set[str]) -> None:
         self._counters["steps"] += 1
@@ -387,7 +458,13 @@ class Engine:
         while self._admissible():
             r = self._waiting.pop(0)
             self._reserved += r.reserved
+            for k, b in r.blocks.items():
+                self._free_blocks[k] -= b
             self._active.append(r)
+            if self.pool is None:
+                r.cache = self.model.new_cache()
+            else:
+                r.slot = self.pool.allocate()  # max_batch slots: one is free while fewer requests run
             self._lookup_prefix(r)
         self._prefill()
         self._decode()
@@ -395,13 +472,17 @@ class Engine:
     def _groups(self, rows: list) -> list[list]:
         return [[r] for r in rows] if self.config.batch_invariant else ([rows] if rows else [])
 
-    def _forward(self, ids: torch.Tensor, caches: list[KVCache], hidden: bool, last_only: bool = False):
+    def _forward(self, ids: torch.Tensor, rows: list[_Request], hidden: bool, last_only: bool = False):
+        """One forward; row b continues rows[b]'s sequence (its pool slot, or its KVCache)."""
         self._counters["forward_passes"] += 1
-        return self.model(ids, caches, return_hidden=hidden, last_only=last_only)
+        cache = [r.cache for r in rows] if self.pool is None else PagedBatch(self.pool, [r.slot for r in rows])
+        return self.model(ids, cache, return_hidden=hidden, last_only=last_only)
+
+    def _length(self, r: _Request) -> int:
+        return r.cache.length if self.pool is None else self.pool.lengths[r.slot]
 
     # ------------------------------------------------------------------ prefill
     def _lookup_prefix(self, r: _Request) -> None:
-        r.cache = self.model.new_cache()
         if self.prefix is None:
             return
         self._counters["prefix_queries"] += 1
@@ -410,12 +491,22 @@ class Engine:
             if self.config.batch_invariant and (k * self.block) % self.config.prefill_chunk:
                 continue  # only chunk-aligned points: the chunking after a hit equals that of a miss
             entry = self.prefix.get(key)
-            if entry is not None and (entry.hidden is not None or not self.config.speculative):
-                r.cache, r.hidden = cache_ops.snapshot(entry.cache), entry.hidden
-                r.pos = r.cached = entry.cache.length
-                self._counters["prefix_hits"] += 1
-                self._counters["prefix_hit_tokens"] += r.pos
-                return
+            if entry is None or (entry.hidden is None and self.config.speculative):
+                continue
+            if self.pool is None:
+                r.cache = cache_ops.snapshot(entry.cache)
+            else:
+                try:
+                    self.pool.load(r.slot, entry.cache)  # within the request's reserved blocks
+                except ValueError as e:  # a snapshot that does not fit this pool: a miss, and never again
+                    log.warning("prefix entry %s unusable (%s); dropped", key[:12], e)
+                    self.prefix.discard(key)
+                    continue
+            r.hidden = entry.hidden
+            r.pos = r.cached = entry.length
+            self._counters["prefix_hits"] += 1
+            self._counters["prefix_hit_tokens"] += r.pos
+            return
 
     def _chunk_end(self, r: _Request) -> int:
         n, s, C = len(r.prompt), r.pos, self.config.prefill_chunk
@@ -440,7 +531,7 @@ class Engine:
 
     def _prefill_chunk(self, rows: list[_Request], n: int) -> None:
         ids = torch.tensor([r.prompt[r.pos:r.pos + n] for r in rows], device=self.device)
-        out = self._forward(ids, [r.cache for r in rows], hidden=self.config.speculative, last_only=True)
+        out = self._forward(ids, rows, hidden=self.config.speculative, last_only=True)
         logits, hidden = out if self.config.speculative else (out, None)
         for i, r in enumerate(rows):
             s, r.pos = r.pos, r.pos + n
@@ -453,7 +544,8 @@ class Engine:
             if self.prefix is not None and r.pos % self.block == 0 and r.pos < len(r.prompt):
                 key = block_keys(self.fingerprint, r.prompt[:r.pos], self.block)[-1]
                 if key not in self.prefix:
-                    self.prefix.put(key, PrefixEntry(r.cache, r.hidden))
+                    state = r.cache if self.pool is None else self.pool.export(r.slot)
+                    self.prefix.put(key, PrefixEntry(state, r.hidden))
         done = [(i, r) for i, r in enumerate(rows) if r.pos == len(r.prompt)]
         if done:
             idx = [i for i, _ in done]
@@ -463,11 +555,11 @@ class Engine:
     def _decode(self) -> None:
         rows = [r for r in self._active if r.pending is not None]
         spec = [r for r in rows if r.spec and r.params.max_new_tokens - len(r.generated) >= 2
-                and r.cache.length + 2 < self.max_context]
+                and self._length(r) + 2 < self.max_context]
         plain = [r for r in rows if r not in spec]
         for g in self._groups(plain):
             ids = torch.tensor([[r.pending] for r in g], device=self.device)
-            logits = self._forward(ids, [r.cache for r in g], hidden=False)
+            logits = self._forward(ids, g, hidden=False)
             self._sample_and_emit(g, logits[:, -1])
         for g in self._groups(spec):
             self._speculate(g)
@@ -489,7 +581,7 @@ class Engine:
         drafts = self.drafter(draft_logits, [r.prompt + r.generated for r in rows])
         snaps = [cache_ops.snapshot(c) for c in caches]
         ids = torch.cat((pending, torch.tensor(drafts, device=self.device)[:, None]), dim=1)
-        logits, hidden = self._forward(ids, caches, hidden=True)
+        logits, hidden = self._forward(ids, rows, hidden=True)
         trunk = logits[:, 0].argmax(dim=-1).tolist()
         bonus = logits[:, 1].argmax(dim=-1).tolist()
         accepted, rejected = [], []
@@ -510,7 +602,7 @@ class Engine:
                     rows[i].hidden = hidden[i:i + 1, 1:2]
         if rejected:  # the restored trunk cache consumes the old pending token again
             for g in self._groups(rejected):
-                _, h = self._forward(ids[g, :1], [rows[i].cache for i in g], hidden=True)
+                _, h = self._forward(ids[g, :1], [rows[i] for i in g], hidden=True)
                 for j, i in enumerate(g):
                     rows[i].hidden = h[j:j + 1]
 
@@ -539,7 +631,7 @@ class Engine:
         if r.text is not None and r.text.stopped:
             self._finish(r, "stop", stop_reason=r.text.matched)
             return False
-        if len(r.generated) >= p.max_new_tokens or r.cache.length + 1 >= self.max_context:
+        if len(r.generated) >= p.max_new_tokens or self._length(r) + 1 >= self.max_context:
             self._finish(r, "length")
             return False
         return True
@@ -559,6 +651,11 @@ class Engine:
         if r in self._active:
             self._active.remove(r)
             self._reserved -= r.reserved
+            for k, b in r.blocks.items():
+                self._free_blocks[k] += b
+            if r.slot is not None:  # the slot's blocks go back to the pool, its state rows are cleared
+                self.pool.release(r.slot)
+                r.slot = None
         elif r in self._waiting:
             self._waiting.remove(r)
         tail = r.text.finish() if r.text is not None and reason in ("stop", "length") else ""

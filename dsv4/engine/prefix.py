@@ -7,6 +7,9 @@ hash of the token ids (key_k = sha256(key_{k-1} || ids of block k), key_0 = the 
 a lookup walks one prompt once. Entries live in memory (LRU by bytes) and, if a folder is given, on disk
 as safetensors files written atomically (temporary file + rename) by a background thread, so they survive
 a restart. A file that cannot be read is deleted and treated as a miss.
+
+A store holds one layout: "reference" (a model-dtype `KVCache`) or "paged" (a slot of the FP8 pool,
+`PagedKVCache.export`). The engine's fingerprint names the layout, so one folder never serves the other.
 """
 
 from __future__ import annotations
@@ -30,12 +33,18 @@ from . import cache_ops
 
 @dataclass
 class PrefixEntry:
-    cache: KVCache  # state after `cache.length` tokens
+    cache: KVCache | dict[str, torch.Tensor]  # a KVCache, or a pool slot's `PagedKVCache.export`
     hidden: torch.Tensor | None  # (1, 1, n_hc, d) trunk streams of the last prefix token (MTP drafting)
+
+    @property
+    def length(self) -> int:
+        return self.cache.length if isinstance(self.cache, KVCache) else int(self.cache["length"])
 
     def nbytes(self) -> int:
         h = 0 if self.hidden is None else self.hidden.numel() * self.hidden.element_size()
-        return self.cache.nbytes() + h
+        if isinstance(self.cache, KVCache):
+            return self.cache.nbytes() + h
+        return sum(t.numel() * t.element_size() for t in self.cache.values()) + h
 
 
 def block_keys(fingerprint: str, ids: list[int], block: int) -> list[str]:
@@ -51,8 +60,10 @@ def block_keys(fingerprint: str, ids: list[int], block: int) -> list[str]:
 
 class PrefixStore:
     def __init__(self, config: Config, max_bytes: int, disk_dir: str | Path | None = None,
-                 device: torch.device | str = "cpu", max_disk_bytes: int | None = None):
-        self.config, self.max_bytes, self.device = config, max_bytes, device
+                 device: torch.device | str = "cpu", max_disk_bytes: int | None = None, layout: str = "reference"):
+        if layout not in ("reference", "paged"):
+            raise ValueError(f"layout={layout!r}: choose 'reference' or 'paged'")
+        self.config, self.max_bytes, self.device, self.layout = config, max_bytes, device, layout
         self.max_disk_bytes = max_disk_bytes
         self.disk_dir = Path(disk_dir) if disk_dir is not None else None
         self._mem: OrderedDict[str, PrefixEntry] = OrderedDict()
@@ -92,15 +103,24 @@ class PrefixStore:
         return entry
 
     def put(self, key: str, entry: PrefixEntry) -> None:
-        """Store a deep copy (the request keeps decoding on its own cache)."""
+        """Store a deep copy (the request keeps decoding on its own cache; an export is a copy already)."""
         if key in self._mem:
             return
-        entry = PrefixEntry(cache_ops.clone(entry.cache),
-                            None if entry.hidden is None else entry.hidden.detach().clone())
+        cache = cache_ops.clone(entry.cache) if isinstance(entry.cache, KVCache) else entry.cache
+        entry = PrefixEntry(cache, None if entry.hidden is None else entry.hidden.detach().clone())
         self.stats["stores"] += 1
         self._insert(key, entry)
         if self._writes is not None and not self._path(key).exists():
             self._writes.put((key, entry))
+
+    def discard(self, key: str) -> None:
+        """Forget an entry that turned out unusable (memory and disk)."""
+        with self._lock:
+            entry = self._mem.pop(key, None)
+            if entry is not None:
+                self._bytes -= entry.nbytes()
+        if self.disk_dir is not None:
+            self._path(key).unlink(missing_ok=True)
 
     def flush(self) -> None:
         """Wait until every queued disk write is done."""
@@ -124,7 +144,11 @@ class PrefixStore:
         try:
             tensors = load_file(str(path))
             hidden = tensors.pop("hidden", None)
-            cache = cache_ops.from_tensors(self.config, tensors, self.device)
+            if self.layout == "reference":
+                cache = cache_ops.from_tensors(self.config, tensors, self.device)
+            else:  # checked in full against the pool by `PagedKVCache.load`
+                int(tensors["length"])
+                cache = {k: v.to(self.device) for k, v in tensors.items()}
         except (SafetensorError, OSError, ValueError, KeyError):
             self.stats["disk_errors"] += 1
             path.unlink(missing_ok=True)  # corrupt or from another layout: a miss, and never again
@@ -136,7 +160,10 @@ class PrefixStore:
         while True:
             key, entry = self._writes.get()
             try:
-                tensors = cache_ops.to_tensors(entry.cache)
+                if isinstance(entry.cache, KVCache):
+                    tensors = cache_ops.to_tensors(entry.cache)
+                else:
+                    tensors = {k: v.contiguous().cpu() for k, v in entry.cache.items()}
                 if entry.hidden is not None:
                     tensors["hidden"] = entry.hidden.contiguous().cpu()
                 path = self._path(key)

@@ -227,3 +227,62 @@ class PagedKVCache:
         pools = [*self.window.values(), *self.entries.values(), *self.keys.values(), *self.state.values()]
         tables = [g.table for g in self.groups.values()]
         return sum(t.numel() * t.element_size() for t in pools + tables)
+
+    # ------------------------------------------------------------------ export / load (prefix caching)
+    def export(self, slot: int) -> dict[str, torch.Tensor]:
+        """Copies of what `slot` holds after its `lengths[slot]` tokens: per layer the window ring (n_win, rec),
+        the FP8 records of its finished entries (n // ratio, rec) and their index keys, the compressor state
+        row; plus the length. `load` writes them into a fresh slot, which then continues byte for byte as this
+        one would. The ring is copied whole: positions map to ring rows by position, not by slot."""
+        n = self.lengths[slot]
+        out = {"length": torch.tensor(n, dtype=torch.int64)}
+        for i in self.layer_ids:
+            out[f"window.{i}"] = self.window[i][slot].clone()
+            r = self.ratios[i]
+            if r:
+                rows = self._rows(r, slot, 0, n // r)
+                out[f"entries.{i}"] = self.entries[i][rows]  # advanced indexing: a copy
+                if r == 4:
+                    out[f"keys.{i}"] = self.keys[i][rows]
+                out[f"state.{i}"] = self.state[i][slot].clone()
+        return out
+
+    def load(self, slot: int, tensors: dict[str, torch.Tensor]) -> None:
+        """Inverse of `export` into an allocated, empty slot (allocating its blocks). Everything is checked
+        before anything is written: tensors of another layout (layers, formats, index-key kind) raise
+        ValueError and leave the slot empty; CacheFull (out of blocks) leaves it with length 0."""
+        if not self.active[slot] or self.lengths[slot]:
+            raise ValueError(f"cache slot {slot} must be allocated and empty to load into")
+        if "length" not in tensors:
+            raise ValueError("exported cache tensors have no 'length'")
+        n = int(tensors["length"])
+        want = {}
+        for i in self.layer_ids:
+            want[f"window.{i}"] = self.window[i][slot].shape
+            r = self.ratios[i]
+            if r:
+                want[f"entries.{i}"] = (n // r, self.entry_bytes)
+                if r == 4:
+                    want[f"keys.{i}"] = (n // r, self.key_format.bytes)
+                want[f"state.{i}"] = self.state[i][slot].shape
+        got = {k: tuple(v.shape) for k, v in tensors.items() if k != "length"}
+        if got.keys() != want.keys():
+            diff = sorted(got.keys() ^ want.keys())
+            raise ValueError(f"exported cache tensors do not fit this pool's layers: {diff[:4]} differ")
+        for k, shape in want.items():
+            dtype = torch.float32 if k.startswith("state.") else torch.uint8
+            if got[k] != tuple(shape) or tensors[k].dtype != dtype:
+                raise ValueError(f"exported cache tensor {k}: {got[k]} {tensors[k].dtype}, this pool holds "
+                                 f"{tuple(shape)} {dtype} (another record or index-key format?)")
+        if n > self.config.max_position_embeddings:
+            raise ValueError(f"exported cache of {n} tokens exceeds max_position_embeddings")
+        rows = {r: self._rows(r, slot, 0, n // r) for r in self.groups}  # CacheFull here, before any write
+        for i in self.layer_ids:
+            self.window[i][slot] = tensors[f"window.{i}"].to(self.window[i].device)
+            r = self.ratios[i]
+            if r:
+                self.entries[i][rows[r]] = tensors[f"entries.{i}"].to(rows[r].device)
+                if r == 4:
+                    self.keys[i][rows[r]] = tensors[f"keys.{i}"].to(rows[r].device)
+                self.state[i][slot] = tensors[f"state.{i}"].to(rows[r].device)
+        self.lengths[slot] = n

@@ -27,8 +27,12 @@ def add_serve_args(p) -> None:
     p.add_argument("--seed", type=int, default=0, help="weights seed of a preset")
     p.add_argument("--max-batch", type=int, default=64, help="requests decoded together")
     p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per prefill forward")
+    p.add_argument("--kv-cache", default="paged", choices=["paged", "reference"],
+                   help="paged: one FP8 pool, one forward per decode step; reference: a model-dtype cache per "
+                        "request (what --speculative uses)")
     p.add_argument("--kv-budget-gib", type=float, default=None,
-                   help="KV cache reserved for running requests (default: 60%% of free GPU memory / 25%% of RAM)")
+                   help="KV cache: the paged pool's size / reserved for running requests (reference) "
+                        "(default: 60%% of free GPU memory / 25%% of RAM)")
     p.add_argument("--prefix-cache-gib", type=float, default=1.0, help="in-memory prefix cache; 0 = off")
     p.add_argument("--prefix-dir", default=None, help="on-disk prefix cache folder (kept across restarts)")
     p.add_argument("--speculative", action="store_true", help="MTP speculative decoding for greedy requests")
@@ -58,7 +62,7 @@ def build_engine(args):
     cfg = EngineConfig(max_batch=args.max_batch, prefill_chunk=args.prefill_chunk,
                        kv_budget_bytes=None if args.kv_budget_gib is None else int(args.kv_budget_gib * gib),
                        prefix_cache_bytes=int(args.prefix_cache_gib * gib), prefix_dir=args.prefix_dir,
-                       speculative=args.speculative, batch_invariant=args.batch_invariant)
+                       speculative=args.speculative, batch_invariant=args.batch_invariant, kv_cache=args.kv_cache)
     return Engine(model, cfg, decode=tok.decode).start(), tok
 
 

@@ -421,6 +421,11 @@ def _prometheus(stats: dict, http_errors: dict[int, int]) -> str:
     metric("dsv4_kv_cache_used_bytes", "gauge", "KV cache bytes of running requests", stats["kv_used_bytes"])
     metric("dsv4_kv_cache_reserved_bytes", "gauge", "KV cache bytes reserved by admission", stats["kv_reserved_bytes"])
     metric("dsv4_kv_cache_budget_bytes", "gauge", "KV cache budget", stats["kv_budget_bytes"])
+    if "kv_pool_bytes" in stats:  # the paged pool: its size and slots
+        metric("dsv4_kv_pool_bytes", "gauge", "bytes allocated by the paged KV pool", stats["kv_pool_bytes"])
+        metric("dsv4_kv_pool_tokens", "gauge", "tokens the paged KV pool holds", stats["kv_pool_tokens"])
+        metric("dsv4_kv_pool_slots", "gauge", "sequence slots of the paged KV pool", stats["kv_pool_slots"])
+        metric("dsv4_kv_pool_slots_used", "gauge", "slots held by running requests", stats["kv_pool_slots_used"])
     metric("dsv4_time_to_first_token_seconds_sum", "counter", "sum of times to first token", stats["ttft_seconds_sum"])
     metric("dsv4_time_to_first_token_seconds_count", "counter", "requests with a first token", stats["ttft_count"])
     metric("dsv4_forward_passes_total", "counter", "model forward passes", stats["forward_passes"])
