@@ -140,6 +140,9 @@ def main(argv=None):
     batch = PagedBatch(pool, [slot])
     gen = torch.Generator(device=device).manual_seed(args.seed + 1)
     ids = torch.randint(0, cfg.vocab_size, (1, ctx), generator=gen, device=device)
+    # The whole sequence must fit the model's context (Flash: 1,048,576 positions): a "1M" prompt leaves room
+    # for the decoded tokens (and the one that starts decoding).
+    prompt = min(ctx, cfg.max_position_embeddings - args.decode - 2)
     emit(phase="setup", layers=cfg.num_hidden_layers, experts=cfg.n_routed_experts, ctx=ctx, chunk=args.chunk,
          weights_gib=gib(weights), pool_gib=gib(pool.allocated_bytes()), setup_s=round(time.perf_counter() - t0, 1),
          device=torch.cuda.get_device_name() if device == "cuda" else "cpu")
@@ -153,8 +156,8 @@ def main(argv=None):
     with torch.inference_mode():
         sync()
         start = time.perf_counter()
-        while pos < ctx:
-            end = min(ctx, pos + args.chunk)
+        while pos < prompt:
+            end = min(prompt, pos + args.chunk)
             t = time.perf_counter()
             logits = model(ids[:, pos:end], batch, last_only=True)
             sync()
@@ -163,10 +166,10 @@ def main(argv=None):
             if curve:
                 curve.write(json.dumps({"pos": end, "tok_s": tok_s}) + "\n")
             pos = end
-            if pos % report == 0 or pos == ctx:
+            if pos % report == 0 or pos == prompt:
                 emit(phase="prefill", pos=pos, elapsed_s=round(prefill_s + time.perf_counter() - start, 1),
                      last_chunk_tok_s=tok_s, peak_gib=peak())
-            if args.budget_s and time.perf_counter() - start > args.budget_s and pos < ctx:
+            if args.budget_s and time.perf_counter() - start > args.budget_s and pos < prompt:
                 if not args.state:
                     raise SystemExit("--budget-s needs --state to save the prefill")
                 save_state(args.state, pool, pos, prefill_s + time.perf_counter() - start)
@@ -174,7 +177,7 @@ def main(argv=None):
                 return
         prefill_s += time.perf_counter() - start
         used = pool.used_bytes(slot)
-        emit(phase="prefill_done", ctx=ctx, prefill_s=round(prefill_s, 1), prefill_tok_s=round(ctx / prefill_s),
+        emit(phase="prefill_done", prompt=prompt, prefill_s=round(prefill_s, 1), prefill_tok_s=round(prompt / prefill_s),
              peak_gib=peak(), cache_used_gib=gib(sum(used.values())), cache_terms={k: gib(v) for k, v in used.items()})
         # Decode: greedy, one token per step.
         nxt = logits[:, -1].argmax(-1, keepdim=True)
