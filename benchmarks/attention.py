@@ -3,14 +3,17 @@
 
 Timed pieces (random inputs of the right shapes; the projections are the same dense matmuls for every
 variant and are left out):
-  decode   gqa8: SDPA over a bf16 K/V cache of ctx tokens; csa: the decode kernels (`indexer_decode`: fused
-           scores + histogram top-k over ctx/4 FP8 indexer keys, `decode_attn`: flash-decoding over 512
-           picked + 128 window FP8 records from the paged pool), alone and as one CUDA graph of the layer's
-           step (indexer -> attention); hca: flash-decoding over ctx/128 FP8 records + window.
+  decode   gqa8: SDPA over a bf16 K/V cache of ctx tokens; csa: the decode kernels (`indexer_decode`: scores,
+           a group-maxima bound, candidates and their ranks over ctx/4 FP8 indexer keys, `decode_attn`:
+           flash-decoding over 512 picked + 128 window FP8 records from the paged pool), alone and as one CUDA
+           graph of the layer's step (indexer -> attention); hca: flash-decoding over ctx/128 FP8 records + window.
            `legacy_*`: the general kernels (`sparse_attn.attend`, `indexer_topk` + torch.topk) in the same run;
-           `prev_*`: an earlier version of the decode kernels (`--prev DIR` holding `decode_attn_prev.py` /
-           `indexer_decode_prev.py`, e.g. `git show REV:dsv4/kernels/decode_attn.py`), also in the same run
-  prefill  gqa8: causal SDPA over ctx tokens; csa / hca: the same kernels over all ctx queries in chunks
+           `prev_*`: an earlier version of the kernels (`--prev DIR` holding `decode_attn_prev.py` /
+           `indexer_decode_prev.py` / `indexer_topk_prev.py`, e.g. `git show REV:dsv4/kernels/decode_attn.py`),
+           also in the same run
+  prefill  gqa8: causal SDPA over ctx tokens; csa / hca: the same kernels over all ctx queries in chunks; the CSA
+           indexer also with FP8 scores, with the candidate top-k, and in its `--prev` version
+`--profile` first prints each op's per-kernel device time (torch.profiler), `--check` full-size agreement.
 Usage: python benchmarks/attention.py [--ctx 8K,32K,...] [--prefill-max 128K] [--csa-prefill-1m] [--prev DIR]
 """
 
@@ -46,7 +49,7 @@ PREV: dict = {}  # module name -> an earlier version of it (`load_prev`)
 def load_prev(dirname: str) -> dict:
     """Earlier copies of the decode kernel modules (`<name>_prev.py`), imported inside dsv4.kernels."""
     mods = {}
-    for name in ("decode_attn", "indexer_decode"):
+    for name in ("decode_attn", "indexer_decode", "indexer_topk"):
         path = os.path.join(dirname, f"{name}_prev.py")
         if os.path.exists(path):
             spec = importlib.util.spec_from_file_location(f"dsv4.kernels._prev_{name}", path)
@@ -232,7 +235,7 @@ def check_decode(ctx=1 << 20):
                                                         TOPK, n), reps=3))
 
 
-def tune_decode_kernels(ctx=1 << 20) -> dict:
+def tune_decode_kernels(ctx=1 << 20, parts=("hca", "csa", "indexer")) -> dict:
     """Tiles of the decode kernels at 1M: attention (HCA, CSA) and the indexer. Returns the fastest of each."""
     x = decode_inputs(ctx, 1)
     best = {}
@@ -241,23 +244,20 @@ def tune_decode_kernels(ctx=1 << 20) -> dict:
         if name not in best or ms < best[name][1]:
             best[name] = (cfg, ms)
         return ms
-    hca = [(16, None, 32, 4, 2), (16, None, 64, 4, 2), (16, None, 64, 8, 2), (16, None, 32, 4, 3), (16, 64, 32, 4, 2),
-           (16, 128, 32, 4, 2), (16, 256, 64, 4, 2), (16, 128, 64, 8, 3), (16, None, 128, 8, 2), (32, None, 32, 8, 2),
-           (64, None, 32, 8, 2), (64, 128, 32, 8, 2), (64, 256, 64, 8, 2)]
-    csa = [(16, 32, 32, 4, 2), (16, 64, 32, 4, 2), (16, 64, 64, 4, 2), (16, 32, 16, 4, 2), (32, 32, 32, 8, 2),
-           (64, 64, 32, 8, 2), (64, 128, 64, 8, 2)]
+    hca = [(16, None, 32, 4, 2), (16, None, 16, 4, 2), (16, None, 64, 8, 2), (32, None, 32, 8, 2), (16, 64, 32, 4, 2)]
+    csa = [(16, 32, 32, 4, 2), (16, 32, 16, 4, 2), (32, 32, 32, 8, 2)]
     for name, ratio, cfgs in (("hca", 128, hca), ("csa", 4, csa)):
-        for bh, chunk, bn, nw, ns in cfgs:
+        for bh, chunk, bn, nw, ns in cfgs if name in parts else ():
             cfg = dict(block_h=bh, chunk=chunk, block_n=bn, num_warps=nw, num_stages=ns)
             try:
                 emit(case=f"tune_{name}_decode_attn_1m", **cfg, ms=keep(name, cfg, bench_graph(attn_fn(x, ctx, ratio, **cfg))))
             except Exception as e:
                 emit(case=f"tune_{name}_decode_attn_1m", **cfg, error=str(e)[:160])
-    for tile, bn, nw, ns, group in [(None, 128, 4, 3, None), (None, 64, 4, 3, None), (None, 128, 8, 3, None),
-                                    (512, 128, 4, 3, None), (2048, 128, 4, 3, None), (None, 128, 4, 2, None),
-                                    (None, 128, 4, 3, 32), (None, 256, 8, 3, None), (None, 64, 4, 4, None),
-                                    (4096, 128, 4, 3, None)]:
-        cfg = dict(tile=tile, block_n=bn, num_warps=nw, num_stages=ns, group=group)
+    # digits of the candidate bound (bits x rounds; 32 = exact), rank tiles
+    for cfg in [dict(), dict(bits=4, rounds=4), dict(rounds=3), dict(bits=4, rounds=3),
+                dict(rank_rows=32, rank_cols=256)]:
+        if "indexer" not in parts:
+            break
         try:
             ms = keep("indexer", cfg, bench_graph(indexer_fn(x, ctx, **cfg)))
             emit(case="tune_csa_decode_indexer_1m", **cfg, ms=ms, bytes=(ctx // 4) * 140,
@@ -266,6 +266,39 @@ def tune_decode_kernels(ctx=1 << 20) -> dict:
             emit(case="tune_csa_decode_indexer_1m", **cfg, error=str(e)[:160])
     emit(case="tune_best_1m", **{k: dict(cfg, ms=ms) for k, (cfg, ms) in best.items()})
     return {k: cfg for k, (cfg, _) in best.items()}
+
+
+def profile_kernels(ctx=1 << 20):
+    """Per-kernel device time (torch.profiler, CUDA activity) of the decode steps at ctx and of one late
+    prefill indexer chunk (8192 queries over 32K keys): which launch of each op costs what."""
+    from torch.profiler import ProfilerActivity, profile
+    x = decode_inputs(ctx, 1)
+    n = 32768
+    iq = torch.randn(1, 8192, HI, DI, device=DEV, dtype=torch.bfloat16)
+    w = torch.randn(1, 8192, HI, device=DEV)
+    ik = torch.randn(1, n, DI, device=DEV, dtype=torch.bfloat16)
+    pos = torch.arange(4 * n - 8192, 4 * n, device=DEV)
+    cases = {"hca_decode_attn": attn_fn(x, ctx, 128), "csa_decode_attn": attn_fn(x, ctx, 4),
+             "csa_decode_indexer": indexer_fn(x, ctx),
+             "prefill_indexer_32k": lambda: indexer_topk(iq, w, ik, pos, 4, TOPK),
+             "prefill_indexer_32k_fp8": lambda: indexer_topk(iq, w, ik, pos, 4, TOPK, fp8=True),
+             "prefill_indexer_32k_candidates": lambda: indexer_topk(iq, w, ik, pos, 4, TOPK, candidates=True)}
+    for name, fn in cases.items():
+        reps = 20 if "decode" in name else 3
+        fn()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(reps):
+                fn()
+            torch.cuda.synchronize()
+        per = {}
+        for evt in prof.key_averages():  # CUDA activity only: every row is a kernel, memset or copy
+            t = getattr(evt, "self_device_time_total", 0) or getattr(evt, "self_cuda_time_total", 0)
+            if t > 0:
+                per[evt.key[:60]] = t / reps
+        per = {k: round(v, 2) for k, v in sorted(per.items(), key=lambda kv: -kv[1])}
+        emit(case="profile", op=name, ctx=ctx if "decode" in name else 4 * n, us_per_call=per,
+             us_total=round(sum(per.values()), 2))
 
 
 def gqa_prefill(ctx):
@@ -278,9 +311,10 @@ def gqa_prefill(ctx):
     return ms
 
 
-def v4_prefill(ctx, ratio, chunk=8192, warm=True):
+def v4_prefill(ctx, ratio, chunk=8192, warm=True, indexer=indexer_topk, name=None, attn=True):
     """All ctx queries in chunks of `chunk` (chunked prefill): per chunk the indexer (CSA) over every
-    finished key so far and the attention kernel over window + (top-k | all visible) compressed."""
+    finished key so far and the attention kernel over window + (top-k | all visible) compressed.
+    `indexer`: the top-k function timed (a variant or an earlier version); `attn=False` times it alone."""
     n = ctx // ratio
     comp = torch.randn(1, n, D, device=DEV, dtype=torch.bfloat16)
     ik = torch.randn(1, n, DI, device=DEV, dtype=torch.bfloat16) if ratio == 4 else None
@@ -291,17 +325,19 @@ def v4_prefill(ctx, ratio, chunk=8192, warm=True):
     w = torch.randn(1, chunk, HI, device=DEV)
     ev = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
     for rep in range(2 if warm else 1):  # the first pass compiles each kernel specialisation
-        t_attn, t_idx = _prefill_pass(ctx, ratio, chunk, n, comp, ik, sink, qs, kv, iq, w, ev)
+        t_attn, t_idx = _prefill_pass(ctx, ratio, chunk, n, comp, ik, sink, qs, kv, iq, w, ev, indexer, attn)
     keys = (WIN + TOPK) * ctx if ratio == 4 else WIN * ctx + ctx * ctx // (2 * ratio)
-    name = "csa" if ratio == 4 else "hca"
-    emit(case=f"{name}_prefill_attn", ctx=ctx, ms=t_attn, flops=4 * H * D * keys, chunk=chunk, warm=warm)
+    name = name or ("csa" if ratio == 4 else "hca")
+    if attn:
+        emit(case=f"{name}_prefill_attn", ctx=ctx, ms=t_attn, flops=4 * H * D * keys, chunk=chunk, warm=warm)
     if ratio == 4:
-        emit(case="csa_prefill_indexer", ctx=ctx, ms=t_idx, flops=2 * HI * DI * ctx * (ctx // 4) / 2, chunk=chunk)
-    emit(case=f"{name}_prefill_total", ctx=ctx, ms=t_attn + t_idx, chunk=chunk)
-    return t_attn + t_idx
+        emit(case=f"{name}_prefill_indexer", ctx=ctx, ms=t_idx, flops=2 * HI * DI * ctx * (ctx // 4) / 2, chunk=chunk)
+    if attn:
+        emit(case=f"{name}_prefill_total", ctx=ctx, ms=t_attn + t_idx, chunk=chunk)
+    return t_attn, t_idx
 
 
-def _prefill_pass(ctx, ratio, chunk, n, comp, ik, sink, qs, kv, iq, w, ev):
+def _prefill_pass(ctx, ratio, chunk, n, comp, ik, sink, qs, kv, iq, w, ev, indexer, attn):
     t_attn = t_idx = 0.0
     for s in range(0, ctx, chunk):
         e = min(ctx, s + chunk)
@@ -311,16 +347,41 @@ def _prefill_pass(ctx, ratio, chunk, n, comp, ik, sink, qs, kv, iq, w, ev):
         topk = None
         if ratio == 4:
             nvis = e // 4
-            topk = indexer_topk(iq[:, :c], w[:, :c], ik[:, :nvis], pos, 4, TOPK) if nvis else None
+            topk = indexer(iq[:, :c], w[:, :c], ik[:, :nvis], pos, 4, TOPK) if nvis else None
         ev[1].record()
         L = c + min(s, WIN - 1)
-        sparse_attention_dense(qs[:, :c], kv[:, -L:], pos, comp[:, :e // ratio] if e // ratio else None,
-                               topk if ratio == 4 else None, ratio, sink, D ** -0.5, WIN)
+        if attn:
+            sparse_attention_dense(qs[:, :c], kv[:, -L:], pos, comp[:, :e // ratio] if e // ratio else None,
+                                   topk if ratio == 4 else None, ratio, sink, D ** -0.5, WIN)
         ev[2].record()
         torch.cuda.synchronize()
         t_idx += ev[0].elapsed_time(ev[1])
         t_attn += ev[1].elapsed_time(ev[2])
     return t_attn, t_idx
+
+
+def check_prefill_indexer(ctx=32768, S=1024):
+    """The prefill indexer on the last S queries at ctx vs the stable-sort reference: the bf16 kernel (its
+    products are exact in fp32, only the summation order differs, so near-ties may swap: index sets compared
+    too) and the FP8 kernel (how far below the reference's k-th best score its worst pick lies, and the E4M3
+    rounding bound on that)."""
+    from dsv4.kernels.indexer_topk import reference as ix_reference
+    n = ctx // 4
+    iq = torch.randn(1, S, HI, DI, device=DEV, dtype=torch.bfloat16)
+    w = torch.randn(1, S, HI, device=DEV) * HI ** -0.5
+    ik = torch.randn(1, n, DI, device=DEV, dtype=torch.bfloat16)
+    pos = torch.arange(ctx - S, ctx, device=DEV)
+    want = ix_reference(iq, w, ik, pos, 4, TOPK)
+    score = (torch.einsum("bshd,bnd->bshn", iq.float(), ik.float()).relu() * w[..., None]).sum(2) * DI ** -0.5
+    kth = score.gather(-1, want[..., -1:])
+    bound = (torch.einsum("bshd,bnd->bshn", iq.float().abs(), ik.float().abs()) * w.abs()[..., None]).sum(2)
+    bound = 2 * 0.13 * bound.amax(-1, keepdim=True) * DI ** -0.5  # 2 x (1 + 2^-4)^2 - 1 per product, both sides
+    for fp8 in (False, True):
+        got = indexer_topk(iq, w, ik, pos, 4, TOPK, fp8=fp8)
+        overlap = sum(len(set(g.tolist()) & set(r.tolist())) for g, r in zip(got[0], want[0])) / (S * TOPK)
+        worst = (kth - score.gather(-1, got)).amax().item()
+        emit(case="check_prefill_indexer", ctx=ctx, queries=S, fp8=fp8, exact=bool(torch.equal(got, want)),
+             set_overlap=overlap, worst_pick_below_kth=worst, fp8_bound=bound.amax().item())
 
 
 def tune(ctx=32768, c=8192):
@@ -386,8 +447,12 @@ def main(argv=None):
     ap.add_argument("--tune-decode-kernels", action="store_true", help="only: decode kernels' tiles at 1M")
     ap.add_argument("--decode-only", action="store_true", help="skip prefill")
     ap.add_argument("--tuned", action="store_true", help="decode: run the 1M tile sweep first, time its best tiles")
-    ap.add_argument("--check", action="store_true", help="only: full-size decode kernels vs references at 1M")
+    ap.add_argument("--check", action="store_true", help="full-size kernels vs references (only this, unless a sweep runs)")
     ap.add_argument("--prev", default="", help="folder of earlier decode kernel modules to time alongside")
+    ap.add_argument("--no-legacy", action="store_true", help="decode: skip the general kernels")
+    ap.add_argument("--tune-indexer", action="store_true", help="decode: the indexer's 1M sweep first, time its best")
+    ap.add_argument("--profile", action="store_true", help="first: per-kernel device time of the decode steps")
+    ap.add_argument("--no-hca-prefill", action="store_true", help="prefill: CSA only")
     args = ap.parse_args(argv)
     PREV.update(load_prev(args.prev) if args.prev else {})
     emit(case="device", name=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__)
@@ -400,10 +465,15 @@ def main(argv=None):
     if args.tune_decode_kernels:
         tune_decode_kernels()
         return
-    tuned = tune_decode_kernels() if args.tuned else None
+    if args.profile:
+        profile_kernels()
+    tuned = tune_decode_kernels() if args.tuned else (
+        tune_decode_kernels(parts=("indexer",)) if args.tune_indexer else None)
     if args.check:
         check_decode()
-        return
+        check_prefill_indexer()
+        if not (args.tuned or args.tune_indexer):
+            return
     if args.csa_prefill_1m:
         t = time.time()
         v4_prefill(1 << 20, 4, chunk=8192, warm=False)
@@ -414,7 +484,7 @@ def main(argv=None):
     pmax = parse_context(args.prefill_max)
     for ctx in ctxs:
         g = gqa_decode(ctx)
-        v = v4_decode(ctx, tuned=tuned)
+        v = v4_decode(ctx, tuned=tuned, legacy=not args.no_legacy)
         prev = {f"prev_{k}": g / v[f"prev_{k}"] for k in ("csa", "hca") if f"prev_{k}" in v}
         if "prev_csa_indexer" in v:
             prev["prev_csa_with_indexer"] = g / (v["prev_csa"] + v["prev_csa_indexer"])
@@ -428,12 +498,20 @@ def main(argv=None):
         if ctx > pmax:
             continue
         g = gqa_prefill(ctx)
-        c = v4_prefill(ctx, 4)
-        h = v4_prefill(ctx, 128)
-        emit(case="prefill_speedup", ctx=ctx, csa=g / c, hca=g / h)
+        a, i = v4_prefill(ctx, 4)
+        _, i8 = v4_prefill(ctx, 4, indexer=lambda *a_, **k_: indexer_topk(*a_, fp8=True, **k_), name="csa_fp8",
+                           attn=False)
+        _, ic = v4_prefill(ctx, 4, indexer=lambda *a_, **k_: indexer_topk(*a_, candidates=True, **k_),
+                           name="csa_candidates", attn=False)
+        sp = dict(csa=g / (a + i), csa_fp8_indexer=g / (a + i8), csa_candidates_indexer=g / (a + ic))
+        if "indexer_topk" in PREV:
+            _, ip = v4_prefill(ctx, 4, indexer=PREV["indexer_topk"].indexer_topk, name="prev_csa", attn=False)
+            sp["prev_csa"] = g / (a + ip)
+        if not args.no_hca_prefill:
+            sp["hca"] = g / sum(v4_prefill(ctx, 128))
+        emit(case="prefill_speedup", ctx=ctx, **sp)
         torch.cuda.empty_cache()
     emit(case="peak_memory_gib", value=torch.cuda.max_memory_allocated() / 2 ** 30)
-
 
 if __name__ == "__main__":
     sys.exit(main())

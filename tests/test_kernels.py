@@ -269,6 +269,9 @@ INDEXER_CASES = {  # B, S, Hi, Di, N, k, integer-valued (exact scores, many ties
     "ties": (2, 9, 2, 16, 7, 3, True),
     "topk_gt_entries": (1, 13, 4, 16, 11, 20, False),
     "ragged": (2, 21, 3, 24, 30, 5, True),
+    # N >= 8k: top-k over the candidates above the group-maxima bound (groups of 8 / 4 keys)
+    "candidates_ties": (2, 9, 2, 16, 200, 5, True),
+    "candidates": (1, 13, 4, 16, 300, 7, False),
 }
 
 
@@ -282,13 +285,41 @@ def test_indexer_topk_matches_reference(case):
     positions = torch.arange(4 * N - S, 4 * N)
     ref = ix.reference(q, w, keys, positions, 4, k)
     out = ix.indexer_topk(q.to(DEVICE), w.to(DEVICE), keys.to(DEVICE), positions.to(DEVICE), 4, k,
-                          key_budget=3 * N)  # several query chunks
+                          key_budget=3 * N, candidates=N >= 8 * k)  # several query chunks
     if integer or DEVICE == "cpu":
         assert torch.equal(out.cpu(), ref)  # same order, same tie-break
+        if N >= 8 * k:  # every score equal: the candidate list overflows, the rows' full top-k answers
+            zero = ix.indexer_topk(torch.zeros_like(q).to(DEVICE), w.to(DEVICE), keys.to(DEVICE),
+                                   positions.to(DEVICE), 4, k, candidates=True)
+            assert torch.equal(zero.cpu(), torch.arange(k).expand_as(zero.cpu()))
     else:  # tf32/fp32 summation order may swap near-ties: compare the chosen scores
         score = lambda idx: torch.einsum("bshd,bnd->bshn", q, keys).relu().mul(w[..., None]).sum(2).gather(
             -1, idx.clamp(min=0))
         torch.testing.assert_close(score(out.cpu()), score(ref), atol=1e-3, rtol=1e-3)
+
+
+def test_indexer_topk_fp8_scores():
+    """FP8 (E4M3) scoring of the prefill indexer: q per (query, head) and keys per entry, power-of-two scales.
+    Integer-valued inputs in [-2, 2] are exact in E4M3 (they scale to 0, +-128, +-256), so the picks equal
+    the stable-sort reference, ties included. On Gaussian inputs the scores move by the E4M3 rounding, at most
+    0.15 x sum_h |w_h| sum_d |q_hd K_sd| x Di^-1/2 per key ((1 + 2^-4)^2 - 1 = 0.129 per product for the 3-bit
+    mantissa, plus subnormal steps), so every pick scores at most twice that below the reference's k-th best."""
+    gen = torch.Generator().manual_seed(4)
+    B, S, Hi, Di, N, k = 2, 9, 4, 32, 60, 8
+    positions = torch.arange(4 * N - S, 4 * N)
+    ints = lambda *s: torch.randint(-2, 3, s, generator=gen).float()
+    q, keys, w = ints(B, S, Hi, Di), ints(B, N, Di), ints(B, S, Hi)
+    out = ix.indexer_topk(q.to(DEVICE), w.to(DEVICE), keys.to(DEVICE), positions.to(DEVICE), 4, k, fp8=True)
+    assert torch.equal(out.cpu(), ix.reference(q, w, keys, positions, 4, k))
+    q, keys = torch.randn(B, S, Hi, Di, generator=gen), torch.randn(B, N, Di, generator=gen)
+    w = torch.randn(B, S, Hi, generator=gen)
+    ref = ix.reference(q, w, keys, positions, 4, k)
+    out = ix.indexer_topk(q.to(DEVICE), w.to(DEVICE), keys.to(DEVICE), positions.to(DEVICE), 4, k, fp8=True).cpu()
+    score = torch.einsum("bshd,bnd->bshn", q, keys).relu().mul(w[..., None]).sum(2) * Di ** -0.5
+    bound = torch.einsum("bshd,bnd->bshn", q.abs(), keys.abs()).mul(w.abs()[..., None]).sum(2) * Di ** -0.5
+    tol = 2 * 0.15 * bound.amax(-1, keepdim=True)
+    assert (score.gather(-1, out) >= score.gather(-1, ref[..., -1:]) - tol).all()
+    assert (out.sort(-1).values.diff(dim=-1) > 0).all()  # distinct picks
 
 
 # B, Hi, Di, N, k, integer-valued, lengths, positions, kwargs
@@ -300,6 +331,12 @@ INDEXER_DECODE_CASES = {
     "fallback_cap": (2, 2, 16, 200, 30, True, None, None, dict(tile=32, block_n=16, cap=16)),
     "groups_of_one": (2, 2, 16, 200, 30, True, None, None, dict(tile=32, block_n=16, group=1)),  # L = k-th score
     "groups_of_16": (2, 3, 16, 300, 8, False, [300, 250], [1300, 1300], dict(tile=64, block_n=32, group=16)),
+    # the candidate bound exact (4 x 8 bits) / 16-bin digits / one round (top 8 bits: many more candidates),
+    # other rank tiles
+    "exact_bound": (2, 2, 16, 300, 20, True, None, None, dict(tile=64, block_n=16, rounds=4, rank_rows=64,
+                                                               rank_cols=128)),
+    "bound_4_bit_digits": (2, 2, 16, 300, 20, True, None, None, dict(tile=64, block_n=16, bits=4, rounds=4)),
+    "one_round_bound": (2, 3, 16, 300, 20, False, None, None, dict(tile=64, block_n=16, rounds=1, rank_rows=32)),
 }
 
 

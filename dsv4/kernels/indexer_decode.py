@@ -4,19 +4,18 @@ and fused with an exact top-k, without 8-byte sort keys for all N, a histogram o
 score(s) = c^-1/2 * sum_h w_h ReLU(q_h . K_s) over the finished entries s < min(len, (p + 1) // m); top-k
 best first, equal scores resolved to the lowest index (the reference's stable sort). Scores are kept as
 their order-preserving int32 image (4 B a key); (image, 2^31 - 1 - index) as one int64 is a unique key
-whose order is the reference's. Four launches:
+whose order is the reference's. Three launches:
 
   `_score_kernel`      grid (key tiles, B). Per BLOCK_N keys one matmul with the keys as M and the heads as N
                        (the head sum stays inside a row's threads), ReLU, weighted head sum; FP8 keys are
                        converted in the kernel and their per-key fp32 scale applied after the sum
                        (ReLU(s x) = s ReLU(x) for s > 0). Writes every score and the maximum of each group of
                        G consecutive keys.
-  `_threshold_kernel`  grid (group blocks, B). L = the k-th largest group maximum: k distinct keys score >= L,
-                       so the k-th best score is >= L and every key of the top-k (ties included) scores >= L.
-                       Ranks are counted by comparison (a group maximum's rank = how many beat it), so no
-                       sort and no single-program pass. Fewer than k groups: L = -inf.
-  `_collect_kernel`    grid (key tiles, B). Appends the keys scoring >= L to a candidate list (one atomic per
-                       block that takes any): about k x (1 + a little) of them for G ~ N / 4k.
+  `_collect_kernel`    grid (key tiles, B). Each program first finds the bound L: the k-th largest group maximum
+                       (rounded down to its top BITS x ROUNDS bits) by a radix select over the ~4k maxima, so at
+                       least k distinct keys score >= L and every key of the top-k (ties included) scores >= L;
+                       fewer than k groups: L = -inf. Then it appends its keys scoring >= L to a candidate list
+                       (one atomic per block that takes any): about k x (1 + a little) of them for G ~ N / 4k.
   `_rank_kernel`       grid (candidate blocks, B). Each candidate's rank = how many candidates beat it; rank r < k
                        writes its index to output slot r. Exact, parallel, O(candidates^2) compares. If the list
                        overflows `cap` (thousands of equal scores, e.g. a zero query), one program finds the
@@ -136,43 +135,61 @@ def _score_kernel(ZERO, Q, sqb, sqh, W, swb, K, sk0, KS, sks, T, st, BS, LEN, PO
 
 
 @triton.jit
-def _threshold_kernel(MX, smx, LEN, POS, ratio, THR, K, G: tl.constexpr, RB: tl.constexpr, CB: tl.constexpr):
-    p = tl.program_id(0)
-    b = tl.program_id(1)
-    n = _visible(LEN, POS, b, ratio)
-    kk = tl.minimum(K, n)
-    m = (n + G - 1) // G  # group maxima of this row
-    if (p == 0) & ((m < kk) | (kk == 0)):
-        tl.store(THR + b, INT32_MIN)  # fewer groups than k: every visible key is a candidate
-    if (p * RB < m) & (m >= kk) & (kk > 0):
-        i = p * RB + tl.arange(0, RB)
-        mine = tl.where(i < m, _unique(tl.load(MX + b * smx + i, mask=i < m, other=0), i), INT64_MIN)
-        rank = tl.zeros([RB], dtype=tl.int32)
-        for c0 in range(0, m, CB):
-            c = c0 + tl.arange(0, CB)
-            other = tl.where(c < m, _unique(tl.load(MX + b * smx + c, mask=c < m, other=0), c), INT64_MIN)
-            rank += tl.sum((other[None, :] > mine[:, None]).to(tl.int32), 1)
-        tl.store(THR + b + i * 0, (mine >> 32).to(tl.int32), mask=(i < m) & (rank == kk - 1))  # one lane overall
+def _threshold(MX, smx, b, m, kk, MB: tl.constexpr, BITS: tl.constexpr, ROUNDS: tl.constexpr):
+    """A score bound L with at least kk group maxima >= L (so every top-kk key scores >= L): the kk-th largest
+    of the m group maxima, found digit by digit (BITS a round, most significant first) from a 2^BITS-bin
+    histogram of the maxima that share the digits found so far. BITS x ROUNDS = 32 gives it exactly; fewer
+    rounds leave the low bits zero, i.e. a slightly lower bound (a few more candidates) for fewer dependent
+    steps. Triton's histogram costs about bins / 32 operations per element and thread (a ballot per bit),
+    so 16 bins x 4 rounds may beat 256 x 2 for the same 16 bits (not yet timed on a GPU)."""
+    NB: tl.constexpr = 1 << BITS
+    bins = tl.arange(0, NB)
+    pre = tl.zeros([], dtype=tl.uint32)  # digits found so far, in the order key's unsigned image
+    need = kk  # how many of the top kk lie at or below the current prefix
+    for r in tl.static_range(ROUNDS):
+        shift = 32 - BITS * (r + 1)
+        hist = tl.zeros([NB], dtype=tl.int32)
+        for c0 in range(0, m, MB):
+            c = c0 + tl.arange(0, MB)
+            key = tl.load(MX + b * smx + c, mask=c < m, other=0)
+            u = key.to(tl.uint32, bitcast=True) ^ 0x80000000  # order-preserving unsigned image
+            live = c < m
+            if r > 0:
+                live = live & ((u >> (shift + BITS)) == (pre >> (shift + BITS)))
+            hist += tl.histogram(((u >> shift) & (NB - 1)).to(tl.int32), NB, mask=live)
+        above = tl.sum(hist, 0) - tl.cumsum(hist, 0)  # maxima of this prefix in higher bins
+        digit = tl.max(tl.where(above + hist >= need, bins, -1), 0)
+        need -= tl.sum(tl.where(bins == digit, above, 0), 0)
+        pre = pre | (digit.to(tl.uint32) << shift)
+    return (pre ^ 0x80000000).to(tl.int32, bitcast=True)
 
 
 @triton.jit
-def _collect_kernel(SC, ssc, THR, LEN, POS, ratio, CAND, CNT, CAP, TILE: tl.constexpr, BLOCK: tl.constexpr):
+def _collect_kernel(SC, ssc, MX, smx, LEN, POS, ratio, CAND, CNT, CAP, K, G: tl.constexpr, TILE: tl.constexpr,
+                    BLOCK: tl.constexpr, MB: tl.constexpr, BITS: tl.constexpr, ROUNDS: tl.constexpr):
     tile = tl.program_id(0)
     b = tl.program_id(1)
     n = _visible(LEN, POS, b, ratio)
-    thr = tl.load(THR + b)
     start = tile * TILE
     end = tl.minimum(start + TILE, n)
-    for j0 in range(start, end, BLOCK):
-        j = j0 + tl.arange(0, BLOCK)
-        valid = j < end
-        key = tl.load(SC + b * ssc + j, mask=valid, other=INT32_MIN)
-        take = valid & (key >= thr)
-        take_i = take.to(tl.int32)
-        n_take = tl.sum(take_i, 0)
-        if n_take > 0:
-            off = tl.atomic_add(CNT + b, n_take) + tl.cumsum(take_i, 0) - 1
-            tl.store(CAND + b * CAP + off, _unique(key, j), mask=take & (off < CAP))
+    if start < end:
+        kk = tl.minimum(K, n)
+        m = (n + G - 1) // G  # group maxima of this row
+        # Every program finds the bound itself (a few histogram rounds over ~4k maxima, from L2): one launch
+        # and one grid-wide dependency fewer than a threshold kernel of its own.
+        thr = tl.full([], INT32_MIN, tl.int32)  # fewer groups than k: every visible key is a candidate
+        if m >= kk:
+            thr = _threshold(MX, smx, b, m, kk, MB, BITS, ROUNDS)
+        for j0 in range(start, end, BLOCK):
+            j = j0 + tl.arange(0, BLOCK)
+            valid = j < end
+            key = tl.load(SC + b * ssc + j, mask=valid, other=INT32_MIN)
+            take = valid & (key >= thr)
+            take_i = take.to(tl.int32)
+            n_take = tl.sum(take_i, 0)
+            if n_take > 0:
+                off = tl.atomic_add(CNT + b, n_take) + tl.cumsum(take_i, 0) - 1
+                tl.store(CAND + b * CAP + off, _unique(key, j), mask=take & (off < CAP))
 
 
 @triton.jit
@@ -230,19 +247,22 @@ def _rank_kernel(SC, ssc, LEN, POS, ratio, CAND, CNT, SURV, OUT, sob, K, KOUT, C
 
 
 def workspace(batch: int, device) -> torch.Tensor:
-    """Candidate counters and thresholds (2 int32 per row), kept across steps; each launch rewrites them."""
+    """Candidate counters (the first B of 2 int32 per row), kept across steps; each launch rewrites them."""
     return torch.zeros(2 * batch, dtype=torch.int32, device=device)
 
 
 def indexer_topk_decode(q: torch.Tensor, head_w: torch.Tensor, keys: KeySource, positions: torch.Tensor,
                         lengths: torch.Tensor, ratio: int, k: int, max_len: int, tile: int | None = None,
                         block_n: int = 128, group: int | None = None, cap: int = 1 << 14, num_warps: int = 4,
-                        num_stages: int = 2, ws: torch.Tensor | None = None) -> torch.Tensor:
+                        num_stages: int = 2, bits: int = 8, rounds: int = 2, rank_rows: int = 16, rank_cols: int = 256,
+                        ws: torch.Tensor | None = None) -> torch.Tensor:
     """q (B, Hi, Di) (or (B, 1, Hi, Di)), head_w (B, Hi) fp32 (already x Hi^-1/2), positions / lengths (B,) int32,
     `max_len` >= every length (host-side bound) -> (B, min(k, max_len)) int64 indices, best first.
 
     `group` keys share one maximum for the threshold (default ~max_len / 4k: ~4k maxima, ~k x 1.2 candidates
-    on random scores); `cap` candidates per row are ranked, more take the exact fallback; `ws` is a
+    on random scores); `rounds` digits of `bits` bits of the candidate bound are exact (bits x rounds = 32:
+    all; 16: a bound up to 2^-7 lower, a few more candidates, half the dependent steps); `cap` candidates per
+    row are ranked (`rank_rows` x `rank_cols` compares a step), more take the exact fallback; `ws` is a
     `workspace(B)` kept across steps (else a new one per call)."""
     q = q.reshape(q.shape[0], q.shape[-2], q.shape[-1])
     B, Hi, Di = q.shape
@@ -266,7 +286,7 @@ def indexer_topk_decode(q: torch.Tensor, head_w: torch.Tensor, keys: KeySource, 
     cand = torch.empty(B, cap, dtype=torch.int64, device=q.device)
     surv = torch.empty(B, sort, dtype=torch.int64, device=q.device)
     ws = workspace(B, q.device) if ws is None else ws
-    cnt, thr = ws[:B], ws[B:2 * B]
+    cnt = ws[:B]
     main = keys.main
     kscale = keys.scale if keys.scale is not None else head_w
     _score_kernel[grid](0, q, q.stride(0), q.stride(1), head_w, head_w.stride(0), main, main.stride(0),
@@ -276,14 +296,12 @@ def indexer_topk_decode(q: torch.Tensor, head_w: torch.Tensor, keys: KeySource, 
                         BLOCK_N=block_n, TILE=tile, G=G, KALIGN=_align(main), KSCALE=keys.scale is not None,
                         PREC="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps,
                         num_stages=num_stages)
-    RB, CB = 64, 128
-    _threshold_kernel[(triton.cdiv(n_groups, RB), B)](mx, mx.stride(0), lengths, positions, ratio, thr, k, G=G,
-                                                      RB=RB, CB=CB, num_warps=4)
-    _collect_kernel[grid](sc, sc.stride(0), thr, lengths, positions, ratio, cand, cnt, cap, TILE=tile,
-                          BLOCK=min(tile, 1024), num_warps=4)
-    _rank_kernel[(triton.cdiv(min(cap, max_len), RB), B)](sc, sc.stride(0), lengths, positions, ratio, cand, cnt,
-                                                          surv, out, out.stride(0), k, kout, cap, RB=RB, CB=CB,
-                                                          SORT=sort, BLOCK=1024, num_warps=4)
+    _collect_kernel[grid](sc, sc.stride(0), mx, mx.stride(0), lengths, positions, ratio, cand, cnt, cap, k, G=G,
+                          TILE=tile, BLOCK=min(tile, 1024), MB=max(16, min(2048, triton.next_power_of_2(n_groups))),
+                          BITS=bits, ROUNDS=rounds, num_warps=4)
+    _rank_kernel[(triton.cdiv(min(cap, max_len), rank_rows), B)](
+        sc, sc.stride(0), lengths, positions, ratio, cand, cnt, surv, out, out.stride(0), k, kout, cap,
+        RB=rank_rows, CB=rank_cols, SORT=sort, BLOCK=1024, num_warps=4)
     return out
 
 

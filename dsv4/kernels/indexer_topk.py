@@ -2,12 +2,17 @@
 
 score(t, s) = c^-1/2 * sum_h w_{t,h} ReLU(q_{t,h} . K_s) for finished entries s < (p_t + 1) / m, top-k per
 query; equal scores resolve to the lowest index (the reference's stable sort, so cached decode equals
-the full forward). The kernel computes a (queries x entries) tile per program with the query heads
-stacked as rows of one matmul (BLOCK_Q * heads rows share each key tile), sums the heads in registers
-and writes one int64 *sort key* per (query, entry): the score's order-preserving bit pattern in the
-high word and (N - 1 - s) in the low word. Keys are unique, so a plain `torch.topk` on them reproduces
+the full forward). A program holds BLOCK_Q queries' heads, stacked as the rows of one matmul, and walks a
+range of key tiles (skipping the matmul past every query's visible count); per tile it sums the heads in
+registers and writes one int64 *sort key* per (query, entry): the score's order-preserving bit pattern in
+the high word and (N - 1 - s) in the low word. Keys are unique, so a plain `torch.topk` on them reproduces
 the stable sort exactly, ties included. Queries are processed in chunks so at most `key_budget` keys
 (8 bytes each) exist at a time: O(chunk x N) memory, never O(S x N) for long prompts.
+
+Options: `fp8` scores on the FP8 tensor cores (E4M3 q and keys, as the release's indexer), within E4M3
+rounding of the reference; `candidates` writes each group's best score too, takes per query the k-th best
+of ~4k group maxima as a bound (k distinct keys reach it, so the top-k, ties included, lies at or above it)
+and runs `torch.topk` on the keys above it only (exact; whole rows when a list overflows).
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from .sparse_attn import _num_sms
 
 
 def reference(q: torch.Tensor, head_w: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor, ratio: int,
@@ -39,10 +46,10 @@ def reference(q: torch.Tensor, head_w: torch.Tensor, keys: torch.Tensor, positio
 
 
 @triton.jit
-def _score_keys_kernel(Q, sqb, sqs, sqh, W, swb, sws, K, skb, skn, POS, OUT, sob, sos,
-                       S, N, HI, ratio, score_scale,
+def _score_keys_kernel(Q, sqb, sqs, sqh, W, swb, sws, K, skb, skn, KS, sksb, POS, OUT, sob, sos, MX, smb, smq,
+                       S, N, HI, ratio, score_scale, PER_N,
                        DI: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_HI: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_DI: tl.constexpr, PREC: tl.constexpr):
+                       BLOCK_DI: tl.constexpr, G: tl.constexpr, KSCALE: tl.constexpr, PREC: tl.constexpr):
     pq = tl.program_id(0)
     pn = tl.program_id(1)
     b = tl.program_id(2)
@@ -50,22 +57,38 @@ def _score_keys_kernel(Q, sqb, sqs, sqh, W, swb, sws, K, skb, skn, POS, OUT, sob
     qm = qi < S
     pos = tl.load(POS + qi, mask=qm, other=0)
     vis = (pos + 1) // ratio
-    j = pn * BLOCK_N + tl.arange(0, BLOCK_N)
     h = tl.arange(0, BLOCK_HI)
     d = tl.arange(0, BLOCK_DI)
     hm = h < HI
-    score = tl.zeros([BLOCK_Q, BLOCK_N], dtype=tl.float32)
-    # Programs whose whole tile lies in the future of every query skip the matmul (half the work causally).
-    if pn * BLOCK_N < tl.max(tl.where(qm, vis, 0)):
-        qp = Q + b * sqb + qi[:, None, None] * sqs + h[None, :, None] * sqh + d[None, None, :]
-        q = tl.load(qp, mask=qm[:, None, None] & hm[None, :, None] & (d < DI)[None, None, :], other=0.0)
-        q = tl.reshape(q, (BLOCK_Q * BLOCK_HI, BLOCK_DI))
+    # The queries' heads stay in registers for the program's whole key range (the previous kernel reloaded
+    # them for every 64-key tile).
+    qp = Q + b * sqb + qi[:, None, None] * sqs + h[None, :, None] * sqh + d[None, None, :]
+    q = tl.load(qp, mask=qm[:, None, None] & hm[None, :, None] & (d < DI)[None, None, :], other=0.0)
+    q = tl.reshape(q, (BLOCK_Q * BLOCK_HI, BLOCK_DI))
+    w = tl.load(W + b * swb + qi[:, None] * sws + h[None, :], mask=qm[:, None] & hm[None, :], other=0.0)
+    n0 = pn * PER_N
+    n1 = tl.minimum(n0 + PER_N, N)
+    # Key tiles at or past every query's visible count skip the matmul (half the work causally).
+    n_mid = tl.minimum(n1, tl.maximum(n0, tl.cdiv(tl.max(tl.where(qm, vis, 0)), BLOCK_N) * BLOCK_N))
+    for j0 in range(n0, n_mid, BLOCK_N):
+        j = j0 + tl.arange(0, BLOCK_N)
         k = tl.load(K + b * skb + j[:, None] * skn + d[None, :], mask=(j < N)[:, None] & (d < DI)[None, :],
-                    other=0.0).to(q.dtype)
-        s = tl.maximum(tl.dot(q, tl.trans(k), input_precision=PREC), 0.0)  # (BQ*BH, BN): ReLU(q_h . K_s)
+                    other=0.0)
+        s = tl.maximum(tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PREC), 0.0)  # (BQ*BH, BN) ReLU(q.K)
         s = tl.reshape(s, (BLOCK_Q, BLOCK_HI, BLOCK_N))
-        w = tl.load(W + b * swb + qi[:, None] * sws + h[None, :], mask=qm[:, None] & hm[None, :], other=0.0)
         score = tl.sum(s * w[:, :, None], axis=1) * score_scale
+        if KSCALE:  # per-key scale of FP8 keys, after the ReLU (it is positive)
+            score = score * tl.load(KS + b * sksb + j, mask=j < N, other=1.0)[None, :]
+        _store_keys(OUT, b, sob, sos, MX, smb, smq, qi, qm, j0, vis, N, score, BLOCK_Q, BLOCK_N, G)
+    for j0 in range(n_mid, n1, BLOCK_N):
+        _store_keys(OUT, b, sob, sos, MX, smb, smq, qi, qm, j0, vis, N,
+                    tl.zeros([BLOCK_Q, BLOCK_N], dtype=tl.float32), BLOCK_Q, BLOCK_N, G)
+
+
+@triton.jit
+def _store_keys(OUT, b, sob, sos, MX, smb, smq, qi, qm, j0, vis, N, score, BLOCK_Q: tl.constexpr,
+                BLOCK_N: tl.constexpr, G: tl.constexpr):
+    j = j0 + tl.arange(0, BLOCK_N)
     score = tl.where(j[None, :] < vis[:, None], score, float("-inf"))
     # Order-preserving int32 image of the float (flip the magnitude bits of negatives), then the index
     # tie-break in the low word: larger key = higher score, then lower index.
@@ -73,38 +96,117 @@ def _score_keys_kernel(Q, sqb, sqs, sqh, W, swb, sws, K, skb, skn, POS, OUT, sob
     bits = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
     key = (bits.to(tl.int64) << 32) | (N - 1 - j).to(tl.int64)
     tl.store(OUT + b * sob + qi[:, None] * sos + j[None, :], key, mask=qm[:, None] & (j < N)[None, :])
+    if G > 0:  # the best score of each group of G keys, for the candidate bound
+        gmax = tl.max(tl.reshape(bits, (BLOCK_Q, BLOCK_N // G, G)), 2)
+        g = j0 // G + tl.arange(0, BLOCK_N // G)
+        tl.store(MX + b * smb + qi[:, None] * smq + g[None, :], gmax, mask=qm[:, None] & (g * G < N)[None, :])
+
+
+@triton.jit
+def _collect_kernel(OUT, sob, sos, THR, stb, POS, CAND, scb, scq, CNT, S, N, ratio, CAP, PER_N,
+                    BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Appends each query's keys whose score image >= its bound THR to its candidate row (per-row atomics)."""
+    pq = tl.program_id(0)
+    pn = tl.program_id(1)
+    b = tl.program_id(2)
+    qi = pq * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    qm = qi < S
+    vis = (tl.load(POS + qi, mask=qm, other=0) + 1) // ratio
+    thr = tl.load(THR + b * stb + qi, mask=qm, other=0)
+    n0 = pn * PER_N
+    for j0 in range(n0, tl.minimum(n0 + PER_N, N), BLOCK_N):
+        j = j0 + tl.arange(0, BLOCK_N)
+        key = tl.load(OUT + b * sob + qi[:, None] * sos + j[None, :], mask=qm[:, None] & (j < N)[None, :], other=0)
+        take = qm[:, None] & (j < vis[:, None]) & ((key >> 32).to(tl.int32) >= thr[:, None])
+        take_i = take.to(tl.int32)
+        n_take = tl.sum(take_i, 1)
+        base = tl.atomic_add(CNT + b * S + qi, n_take, mask=qm & (n_take > 0), sem="relaxed")
+        off = base[:, None] + tl.cumsum(take_i, 1) - 1
+        tl.store(CAND + b * scb + qi[:, None] * scq + off, key, mask=take & (off < CAP))
+
+
+def quantize_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (..., Di) -> E4M3 (..., Di) and a power-of-two fp32 scale (...,) per row with |x| / scale <= 448:
+    a power of two keeps every dequantised product exact in fp32, so equal inputs still score equal."""
+    amax = x.float().abs().amax(-1).clamp(min=1e-30)
+    scale = torch.exp2(torch.ceil(torch.log2(amax / 448.0)))
+    return (x.float() / scale[..., None]).to(torch.float8_e4m3fn), scale
 
 
 def indexer_topk(q: torch.Tensor, head_w: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor, ratio: int,
-                 k: int, key_budget: int = 1 << 27, block_q: int | None = None, block_n: int = 64) -> torch.Tensor:
-    """Same contract as `reference`; head_w fp32 (B, S, Hi); positions (S,)."""
+                 k: int, key_budget: int = 1 << 27, block_q: int | None = None, block_n: int = 128,
+                 fp8: bool = False, n_split: int | None = None, num_warps: int = 8, num_stages: int = 2,
+                 candidates: bool = False) -> torch.Tensor:
+    """Same contract as `reference`; head_w fp32 (B, S, Hi); positions (S,).
+
+    `fp8`: the scores on the FP8 tensor cores, as the release's indexer runs them: q per (query, head) and the
+    keys per entry in E4M3 with power-of-two scales (`quantize_fp8`; the q scale folds into the head weight,
+    the key scale multiplies the head sum). Scores then differ from the reference by the E4M3 rounding
+    (3 mantissa bits, ~2^-4 relative per operand), so keys whose scores agree that closely may swap.
+    `n_split` key ranges per query block (default: enough programs for the GPU). `candidates`: top-k over the
+    keys above a per-query bound from group maxima (exact; see below) rather than over whole rows."""
     B, S, Hi, Di = q.shape
     N = keys.shape[1]
     k = min(k, N)
     if N == 0:
         return torch.full((B, S, 0), -1, dtype=torch.long, device=q.device)
     BLOCK_HI = max(triton.next_power_of_2(Hi), 1)
-    BLOCK_Q = block_q or max(1, 128 // BLOCK_HI)
+    BLOCK_Q = block_q or max(1, 256 // BLOCK_HI)
     BLOCK_Q = max(BLOCK_Q, triton.cdiv(16, BLOCK_HI))  # dot needs >= 16 rows
-    BLOCK_DI = max(16, triton.next_power_of_2(Di))
+    BLOCK_DI = max(16 if not fp8 else 32, triton.next_power_of_2(Di))
     pos = positions.to(device=q.device, dtype=torch.int32).contiguous()
     head_w = head_w.float().contiguous()
+    kscale = None
+    if fp8:
+        q, qscale = quantize_fp8(q)
+        head_w = head_w * qscale  # ReLU(s x) = s ReLU(x) for the positive scale s
+        keys, kscale = quantize_fp8(keys)
     keys = keys.contiguous()
     visible = torch.div(pos + 1, ratio, rounding_mode="floor").long()
     chunk = max(1, min(S, key_budget // max(1, B * N)))
     out = torch.empty(B, S, k, dtype=torch.long, device=q.device)
     buf = torch.empty(B, chunk, N, dtype=torch.int64, device=q.device)
+    # Candidate bound: the k-th best of the ~4k maxima of groups of G keys (k distinct keys score at least that),
+    # so torch.topk runs on the <= cap keys above it instead of all N; rows with fewer than k x G visible
+    # entries (the prompt's start) or an overflowing candidate list take the full row.
+    G = 0
+    if candidates and N >= 8 * k:
+        G = max(1, min(block_n, 1 << ((N // (4 * k)).bit_length() - 1)))
+    cap = 4 * k
+    vis_host = visible.cpu() if G else None  # which chunks may take candidates (one host sync)
+    mx = torch.empty(B, chunk, triton.cdiv(N, G) if G else 1, dtype=torch.int32, device=q.device)
+    ks = kscale if kscale is not None else head_w
     for s in range(0, S, chunk):
         e = min(S, s + chunk)
         c = e - s
         qc, wc = q[:, s:e], head_w[:, s:e]
-        grid = (triton.cdiv(c, BLOCK_Q), triton.cdiv(N, block_n), B)
+        q_blocks = triton.cdiv(c, BLOCK_Q)
+        # key ranges per query block: about four programs per SM, at least four key tiles each
+        split = n_split or max(1, min(triton.cdiv(N, 4 * block_n),
+                                      triton.cdiv(4 * _num_sms(q.device), B * q_blocks)))
+        per_n = triton.cdiv(triton.cdiv(N, split), block_n) * block_n
+        grid = (q_blocks, triton.cdiv(N, per_n), B)
         _score_keys_kernel[grid](qc, qc.stride(0), qc.stride(1), qc.stride(2), wc, wc.stride(0), wc.stride(1),
-                                 keys, keys.stride(0), keys.stride(1), pos[s:e], buf, buf.stride(0), buf.stride(1),
-                                 c, N, Hi, ratio, Di ** -0.5, DI=Di, BLOCK_Q=BLOCK_Q, BLOCK_HI=BLOCK_HI,
-                                 BLOCK_N=block_n, BLOCK_DI=BLOCK_DI,
-                                 PREC="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4)
-        top = buf[:, :c].topk(k, dim=-1, sorted=True).values
+                                 keys, keys.stride(0), keys.stride(1), ks, ks.stride(0), pos[s:e], buf,
+                                 buf.stride(0), buf.stride(1), mx, mx.stride(0), mx.stride(1), c, N, Hi, ratio,
+                                 Di ** -0.5, per_n, DI=Di, BLOCK_Q=BLOCK_Q, BLOCK_HI=BLOCK_HI, BLOCK_N=block_n,
+                                 BLOCK_DI=BLOCK_DI, G=G, KSCALE=fp8,
+                                 PREC="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps,
+                                 num_stages=num_stages)
+        top = None
+        if G and int(vis_host[s:e].min()) >= k * G:
+            thr = mx[:, :c].topk(k, dim=-1).values[..., -1].contiguous()  # (B, c) k-th best group maximum
+            cnt = torch.zeros(B, c, dtype=torch.int32, device=q.device)
+            cand = torch.full((B, c, cap), -(1 << 63), dtype=torch.int64, device=q.device)
+            BQ = 16
+            _collect_kernel[(triton.cdiv(c, BQ), grid[1], B)](buf, buf.stride(0), buf.stride(1), thr, thr.stride(0),
+                                                              pos[s:e], cand, cand.stride(0), cand.stride(1), cnt,
+                                                              c, N, ratio, cap, per_n, BLOCK_Q=BQ, BLOCK_N=128,
+                                                              num_warps=4)
+            if int(cnt.max()) <= cap:  # else (ties by the thousand) the whole rows below
+                top = cand.topk(k, dim=-1, sorted=True).values
+        if top is None:
+            top = buf[:, :c].topk(k, dim=-1, sorted=True).values
         idx = (N - 1) - (top & 0xFFFFFFFF)
         out[:, s:e] = torch.where(idx >= visible[s:e, None], -1, idx)
     return out
