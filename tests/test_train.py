@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -211,6 +212,26 @@ def test_resume_equals_uninterrupted_bitwise(tmp_path):
     assert (tmp_path / "part" / "loss.png").stat().st_size > 1000
 
 
+def test_resume_reads_the_earlier_optimizer_format(tmp_path):
+    """Checkpoints written before the optimizer state was kept by parameter name hold `Optimizer.state_dict()`
+    (one file per rank): they still resume, with the number of processes that wrote them."""
+    cfg = small_config(steps=4, checkpoint_every=2)
+    whole = make_trainer(cfg, tmp_path / "whole")
+    whole.run(steps=2, progress=False)
+    old = tmp_path / "old"
+    shutil.copytree(whole.out, old)
+    state_file = old / "checkpoints" / "step_0000002" / "train_state.pt"
+    state = torch.load(state_file, weights_only=False)
+    del state["optimizer_state"]
+    torch.save({**state, "optimizer": whole.optimizer.state_dict()}, state_file)  # before it steps on
+    last = whole.run(progress=False)[-1]
+    resumed = make_trainer(cfg, old)
+    assert resumed.resume() and resumed.step == 2
+    assert resumed.run(progress=False)[-1]["loss"] == last["loss"]
+    sa, sb = whole.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
 def test_resume_with_a_different_config_is_a_clear_error(tmp_path):
     cfg = small_config(steps=2, checkpoint_every=2)
     make_trainer(cfg, tmp_path).run(progress=False)
@@ -253,25 +274,66 @@ def assert_same_run(one: list[dict], two: list[dict], tol: float) -> None:
         assert diff < tol, (key, [r[key] for r in one], [r[key] for r in two])
 
 
-def test_two_process_gloo_equals_one_process(tmp_path):
+def cut_back(src: Path, dst: Path, step: int) -> Path:
+    """A copy of run folder `src` without its checkpoints after `step`: resuming it continues from `step`."""
+    shutil.copytree(src, dst)
+    for ckpt in (dst / "checkpoints").glob("step_*"):
+        if int(ckpt.name.removeprefix("step_")) > step:
+            shutil.rmtree(ckpt)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def dp_runs(tmp_path_factory) -> dict:
+    """The data-parallel tests share one process's run and one torchrun launch (each start costs seconds):
+    dp_config() in 1 process; then, with 2 ranks, the same config, the same with 2 micro-batches per step,
+    and the 1-process run resumed from its step-3 checkpoint."""
+    tmp = tmp_path_factory.mktemp("dp")
+    one = make_trainer(dp_config(), tmp / "one").run(progress=False)
+    cut_back(tmp / "one", tmp / "one_then_two", 3)
+    two, accumulated, one_then_two = run_data_parallel([
+        {"out": str(tmp / "two")},
+        {"out": str(tmp / "acc"), "config": {"batch_size": 2, "grad_accum": 2}},
+        {"out": str(tmp / "one_then_two"), "resume": True}])
+    return {"dir": tmp, "one": one, "two": two, "accumulated": accumulated, "one_then_two": one_then_two}
+
+
+def test_two_process_gloo_equals_one_process(dp_runs):
     """torchrun, 2 CPU ranks: FSDP2 for the dense parameters, expert parallelism for the routed experts,
     replicated indexers; dense -> indexer warm-up (backbone frozen) -> sparse. Tolerance: the two runs sum the
     same numbers in different orders (gradient reduction over ranks, expert outputs combined by all-reduce),
     ~1e-7 relative per step in fp32; measured: losses and KL within 1e-6 over the 6 steps. A real bug moves
     them by far more (a wrong row split or a double-counted gradient: > 1e-2 from the second step on; a
     later layer's KL or balance loss lost, as FSDP2's rebuilt TrainStep once did: ~1e-1 by step 5)."""
-    single = make_trainer(dp_config(), tmp_path / "one").run(progress=False)
-    two, accumulated = run_data_parallel([{"out": str(tmp_path / "two")},
-                                          {"out": str(tmp_path / "acc"), "config": {"batch_size": 2, "grad_accum": 2}}])
-    assert [r["phase"] for r in single] == ["dense"] * 2 + ["indexer_warmup"] * 2 + ["sparse"] * 2
-    assert_same_run(single, two, 1e-4)
-    assert_same_run(single, accumulated, 1e-4)  # 2 micro-batches of 1 row per rank, one reduce-scatter per step
+    one, two = dp_runs["one"], dp_runs["two"]
+    assert [r["phase"] for r in one] == ["dense"] * 2 + ["indexer_warmup"] * 2 + ["sparse"] * 2
+    assert_same_run(one, two, 1e-4)
     # the checkpoint written by the 2-rank run (shards and experts gathered) equals the 1-process one
     from dsv4.checkpoint import load
 
-    a = load(str(tmp_path / "one" / "checkpoints" / "step_0000006")).state_dict()
-    b = load(str(tmp_path / "two" / "checkpoints" / "step_0000006")).state_dict()
+    a = load(str(dp_runs["dir"] / "one" / "checkpoints" / "step_0000006")).state_dict()
+    b = load(str(dp_runs["dir"] / "two" / "checkpoints" / "step_0000006")).state_dict()
     assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-3
+
+
+def test_two_process_grad_accum_equals_one_process(dp_runs):
+    """2 micro-batches of 1 row per rank (gradients reduce-scattered once per step) == 1 process, 4 rows."""
+    assert_same_run(dp_runs["one"], dp_runs["accumulated"], 1e-4)
+
+
+def test_checkpoint_resumes_with_another_number_of_processes(dp_runs):
+    """Weights and optimizer state are saved whole, by name, and the data order is that of the global batch:
+    a 1-process checkpoint continues on 2 ranks, a 2-rank one in 1 process, both as the uninterrupted run
+    (to the data-parallel tolerance)."""
+    one, tmp = dp_runs["one"], dp_runs["dir"]
+    assert [r["step"] for r in dp_runs["one_then_two"]] == [3, 4, 5]
+    assert_same_run(one[3:], dp_runs["one_then_two"], 1e-4)
+    assert not list((tmp / "two").glob("checkpoints/*/train_state_rank*"))  # one state file, not one per rank
+    resumed = make_trainer(dp_config(), cut_back(tmp / "two", tmp / "two_then_one", 3))
+    assert resumed.resume() and resumed.step == 3
+    two_then_one = resumed.run(progress=False)
+    assert_same_run(one[3:], two_then_one, 1e-4)
+    assert [r["step"] for r in read_metrics(tmp / "two_then_one" / "metrics.jsonl")] == list(range(6))
 
 
 def test_tiny_run_on_the_bundled_corpus_learns(tmp_path):

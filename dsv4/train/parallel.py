@@ -211,22 +211,50 @@ class Parallel:
         return sd
 
     @torch.no_grad()
-    def load_full_state_dict(self, model: nn.Module, sd: dict[str, torch.Tensor]) -> None:
-        from torch.distributed.tensor import distribute_tensor
+    def full_optimizer_state(self, model: nn.Module, optimizer) -> dict[str, dict]:
+        """The optimizer's state by parameter name, whole tensors on CPU, on every rank (shards gathered,
+        the experts' from their owners), so that any number of ranks can load it (`place_like`)."""
+        state = optimizer.state
+        experts = {id(p) for p in self._expert_params}
+        out, owned = {}, {}
+        for name, p in model.named_parameters():
+            # Every rank has state for the same non-expert parameters (their gradients are reduced over ranks),
+            # so the collectives of `full_tensor` line up; an expert's state lives on its owner only.
+            if state.get(p):
+                (owned if id(p) in experts else out)[name] = {
+                    k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu() if torch.is_tensor(v)
+                    else v for k, v in state[p].items()}
+        parts = [None] * self.world
+        dist.all_gather_object(parts, owned)
+        for part in parts:
+            out.update(part)
+        return out
 
-        own = dict(model.named_parameters())
-        own.update(dict(model.named_buffers()))
+    @torch.no_grad()
+    def load_full_state_dict(self, model: nn.Module, sd: dict[str, torch.Tensor]) -> None:
+        # What a checkpoint holds: parameters (this rank's experts only) and persistent buffers; the RoPE
+        # frequency tables are non-persistent buffers, rebuilt from the config.
+        own = model.state_dict(keep_vars=True)
         missing = [k for k in own if k not in sd]
         if missing:
             from dsv4.train.trainer import CheckpointMismatch
 
             raise CheckpointMismatch(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[:5]}")
         for name, p in own.items():
-            full = sd[name].to(self._device(), p.dtype)
+            full = place_like(sd[name].to(p.dtype), p)
             if hasattr(p, "to_local"):
-                p.to_local().copy_(distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None).to_local())
+                p.to_local().copy_(full.to_local())
             else:
                 p.copy_(full)
+
+
+def place_like(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """`full` (the same whole tensor on every rank) laid out as `param`: this rank's shard of a sharded
+    parameter (cut locally, no communication), else a copy on the parameter's device."""
+    from dsv4.optim.muon import shard_like
+
+    full = full.to(param.device)
+    return shard_like(full, param) if hasattr(param, "device_mesh") else full
 
 
 def _is_routed_expert(name: str) -> bool:

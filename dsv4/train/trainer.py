@@ -5,11 +5,13 @@ Run folder (`out`):
   loss.png                      the loss curve (training loss, validation loss when measured)
   checkpoints/step_NNNNNNN/     model.safetensors + config.json (loadable by `dsv4 generate`),
                                 vocab_map.json (with `compact_vocab`: the model's vocabulary),
-                                train_config.json, train_state.pt (optimizer, data position, RNG, recipe
-                                state; one file per rank when data parallel). Each is written to a
-                                temporary folder and renamed into place; the last `keep_checkpoints` stay.
+                                train_config.json, train_state.pt (optimizer state by parameter name, data
+                                position, RNG, recipe state). Each is written to a temporary folder and
+                                renamed into place; the last `keep_checkpoints` stay.
 Resuming restores all of it, so a resumed run computes exactly what the uninterrupted run computes
-(bitwise on CPU: every random choice is a function of the seed and the step).
+(bitwise on CPU: every random choice is a function of the seed and the step). Weights and optimizer state
+are saved whole (shards gathered, experts from their owners) and the data order does not depend on the
+number of ranks, so a checkpoint resumes with any number of processes that divides the batch and experts.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from dsv4.optim import build_optimizer
 from dsv4.tokenizer import VOCAB_MAP_NAME, VocabMap
 from dsv4.train.config import TrainConfig
 from dsv4.train.data import IGNORE_INDEX, DataLoader
+from dsv4.train.parallel import place_like
 from dsv4.train.recipe import (RouterHistory, SpikeDetector, forward_losses, make_train_step, target_counts,
                                update_router_bias)
 
@@ -318,11 +321,14 @@ class Trainer:
             _StateOnly(self.model_config, sd, self.vocab_map).save(tmp)
             (tmp / "train_config.json").write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
         self._barrier()
-        state = {"step": self.step, "tokens": self.tokens, "optimizer": self.optimizer.state_dict(),
+        # Loader, recipe state and RNG are the same on every rank (each runs the whole batch's loader), so
+        # rank 0's stand for all.
+        state = {"step": self.step, "tokens": self.tokens, "optimizer_state": self._optimizer_state(),
                  "loader": self.loader.state_dict(), "spikes": self.spikes.state_dict(),
                  "router_history": self.router_history.state_dict(), "rng": torch.get_rng_state(),
                  "world": self.world}
-        _atomic_torch_save(state, tmp / f"train_state{'' if self.world == 1 else f'_rank{self.rank}'}.pt")
+        if self.rank == 0:
+            _atomic_torch_save(state, tmp / "train_state.pt")
         self._barrier()
         if self.rank == 0:
             if final.exists():
@@ -350,10 +356,11 @@ class Trainer:
         if path is None:
             return False
         self._check_matches(path)
-        state_file = path / f"train_state{'' if self.world == 1 else f'_rank{self.rank}'}.pt"
+        state_file = path / "train_state.pt"
+        if not state_file.is_file():  # an earlier dsv4 wrote one per rank when data parallel
+            state_file = path / f"train_state_rank{self.rank}.pt"
         if not state_file.is_file():
-            raise CheckpointMismatch(f"{path} has no {state_file.name}: it was written by a run with a different "
-                                     f"number of processes (this run has {self.world}); resume with that many")
+            raise CheckpointMismatch(f"{path} has no train_state.pt: not a training checkpoint, or an incomplete one")
         state = torch.load(state_file, map_location="cpu", weights_only=False)
         sd = load_file(str(path / "model.safetensors"))
         if self.dist is not None:
@@ -363,7 +370,13 @@ class Trainer:
             if missing or unexpected:
                 raise CheckpointMismatch(f"{path}: {len(missing)} tensors missing {missing[:5]}, "
                                          f"{len(unexpected)} unexpected {unexpected[:5]}")
-        self.optimizer.load_state_dict(state["optimizer"])
+        if "optimizer_state" in state:
+            self._load_optimizer_state(state["optimizer_state"])
+        elif state["world"] == self.world:  # an earlier dsv4's Optimizer.state_dict(): this world's shards
+            self.optimizer.load_state_dict(state["optimizer"])
+        else:
+            raise CheckpointMismatch(f"{path} was written by an earlier dsv4 whose optimizer state only a run with "
+                                     f"{state['world']} processes can load (this run has {self.world})")
         self.loader.load_state_dict(state["loader"])
         self.spikes.load_state_dict(state["spikes"])
         self.router_history.load_state_dict(state["router_history"], self.device)
@@ -372,6 +385,24 @@ class Trainer:
         if self.rank == 0:
             _truncate_metrics(self.out / "metrics.jsonl", self.step)
         return True
+
+    def _optimizer_state(self) -> dict[str, dict]:
+        """The optimizer's state by parameter name, whole tensors on CPU: what any number of processes can load."""
+        if self.dist is not None:
+            return self.dist.full_optimizer_state(self.model, self.optimizer)
+        state = self.optimizer.state
+        return {name: {k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in state[p].items()}
+                for name, p in self.model.named_parameters() if state.get(p)}
+
+    def _load_optimizer_state(self, saved: dict[str, dict]) -> None:
+        """Inverse of `_optimizer_state`: tensors shaped like their parameter go where it is (this rank's shard,
+        or its experts: other ranks' names are skipped); the rest (AdamW's step count) stays as saved."""
+        owner = {id(p): opt for opt in self.optimizer.optimizers.values() for g in opt.param_groups
+                 for p in g["params"]}
+        for name, p in self.model.named_parameters():
+            if name in saved and id(p) in owner:
+                owner[id(p)].state[p] = {k: place_like(v, p) if torch.is_tensor(v) and v.shape == p.shape else v
+                                         for k, v in saved[name].items()}
 
     def _check_matches(self, path: Path) -> None:
         try:
