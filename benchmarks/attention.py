@@ -38,6 +38,7 @@ from dsv4.kernels.decode_attn import attend_decode
 from dsv4.kernels.indexer_decode import KeySource, indexer_topk_decode, workspace
 from dsv4.kernels.indexer_topk import indexer_topk
 from dsv4.kernels.sparse_attn import KVSource, attend, sparse_attention_dense
+from timing import bench, bench_graph  # noqa: E402 (benchmarks/ is the script's folder)
 
 H100_PEAK = {"bf16_tflops": 989.0, "hbm_gbps": 3350.0}  # SXM5 dense datasheet figures
 H, D, RD, TOPK, WIN, HI, DI = 64, 512, 64, 512, 128, 64, 128
@@ -66,21 +67,6 @@ def emit(**rec):
         rec["tflops"] = rec["flops"] / rec["ms"] / 1e9
         rec["tc_util"] = rec["tflops"] / H100_PEAK["bf16_tflops"]
     print(json.dumps(rec), flush=True)
-
-
-def bench(fn, ms=200):
-    return triton.testing.do_bench(fn, warmup=25, rep=ms, return_mode="median")
-
-
-def bench_graph(fn, reps=50):
-    """Decode steps are launch-bound in eager mode: time CUDA-graph replays (as a serving engine runs them)."""
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(reps):
-            fn()
-    return triton.testing.do_bench(g.replay, warmup=5, rep=200, return_mode="median") / reps
 
 
 def fp8_pool(n: int, block: int = 64):

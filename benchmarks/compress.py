@@ -34,6 +34,7 @@ import triton
 
 from dsv4.kernels import compress as C
 from dsv4.kernels import fp8_kv
+from timing import bench_graph  # noqa: E402 (benchmarks/ is the script's folder)
 
 H100_PEAK_GBPS = 3350.0  # SXM5 HBM3 datasheet
 
@@ -92,16 +93,6 @@ def moved_bytes(inputs, records, rows, out):
     kv, gate, _, okv, og = inputs[:5]
     total = sum(t.numel() * t.element_size() for t in (kv, gate, okv, og, out) if t is not None)
     return total + (rows.numel() * records.shape[1] if records is not None else 0)
-
-
-def bench_graph(fn, reps=20):
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(reps):
-            fn()
-    return triton.testing.do_bench(g.replay, warmup=5, rep=200, return_mode="median") / reps
 
 
 def timed(fn, dry):
