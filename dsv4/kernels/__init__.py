@@ -92,10 +92,14 @@ def sparse_attention(q, window_kv, positions, compressed, topk, ratio, sink, sca
         from .fp8_kv import fake_quantize
         window_kv = fake_quantize(window_kv, rope_dim)
         compressed = None if compressed is None else fake_quantize(compressed, rope_dim)
-    # The Triton kernels are forward-only: while autograd records (training), take the reference, whose
-    # backward is PyTorch's; otherwise gradients would silently stop at attention.
+    # While autograd records (training), the forward-only kernels would silently stop gradients at
+    # attention: take the trainable kernel (Triton forward + backward). The FP8 KV simulation, a numerics
+    # study rather than a speed path, keeps the reference's autograd.
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                                  for t in (q, window_kv, compressed, sink))
+    if needs_grad and use_triton(q) and not kv_fp8():
+        from .sparse_attn_train import sparse_attention_train
+        return sparse_attention_train(q, window_kv, positions, compressed, topk, ratio, sink, scale, window)
     if not needs_grad and use_triton(q):
         if q.shape[1] == 1:  # decode: flash-decoding kernel (split-K partials + parallel merge)
             from .decode_attn import sparse_attention_decode
