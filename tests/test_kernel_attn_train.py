@@ -116,14 +116,18 @@ def test_only_some_inputs_need_grad():
 
 
 def test_seam_trains_through_the_kernel(monkeypatch):
-    """While autograd records, the seam takes the trainable kernel on the Triton path; not without
-    autograd (the forward-only kernel) nor under the FP8 KV simulation (kept on the reference)."""
+    """While autograd records and the kernel is enabled, the seam takes the trainable kernel on the Triton
+    path; not when it is off (the default), not without autograd (the forward-only kernel) nor under the FP8
+    KV simulation (kept on the reference)."""
     calls = []
     real = sat.sparse_attention_train
     monkeypatch.setattr(sat, "sparse_attention_train", lambda *a, **k: calls.append(1) or real(*a, **k))
     args, weight = make_inputs("hca_batch2_cached")
     args = on_device(args)
     with kernels.use("triton"):
+        grads(kernels.sparse_attention, args, weight.to(DEVICE))
+        assert not calls  # off by default
+    with kernels.use("triton"), kernels.use_train_kernel():
         ours = grads(kernels.sparse_attention, args, weight.to(DEVICE))
         assert len(calls) == 1
         with torch.no_grad():

@@ -461,8 +461,9 @@ def test_fp8_kv_logits_close_to_model_dtype():
 
 
 def test_training_gets_gradients_through_the_seam():
-    """The kernels are forward-only: with autograd recording, the seam must take the reference path, so a
-    training step through `kernels.sparse_attention` has the reference's gradients (not none)."""
+    """The inference kernels are forward-only: with autograd recording, the seam must take the reference path
+    (or, when enabled, the trainable kernel: tests/test_kernel_attn_train.py), so a training step through
+    `kernels.sparse_attention` has the reference's gradients (not none)."""
     gen = torch.Generator().manual_seed(5)
     B, S, H, D, N, k = 1, 6, 2, 32, 4, 3
     q = torch.randn(B, S, H, D, generator=gen).to(DEVICE).requires_grad_()
