@@ -98,26 +98,27 @@ class Attention(nn.Module):
                       positions: torch.Tensor, cache: LayerCache, inv_freq: torch.Tensor,
                       step: TrainStep) -> torch.Tensor | None:
         """The indexer under training options. Returns its top-k (sparse) or None (dense: every finished
-        entry, as HCA). With `step.indexer_loss`, records KL(p || softmax(indexer scores)) per query, where p
-        is the dense attention distribution over the finished compressed entries, summed over heads and
-        renormalised (DeepSeek-V3.2 §2.1 warm-up; V4 §3), and a detached target."""
+        entry, as HCA). With `step.indexer_loss`, records KL(p || softmax(indexer scores)) summed over queries,
+        where p is the dense attention distribution over the finished compressed entries, summed over heads
+        and renormalised (DeepSeek-V3.2 §2.1 warm-up; V4 §3), a detached target."""
         if step.detach_indexer:
             x, q_latent = x.detach(), q_latent.detach()
-        out = self.indexer(x, q_latent, positions, cache.indexer, inv_freq, fp4=step.fp4_indexer,
-                           return_scores=step.indexer_loss)
-        topk = out[0] if step.indexer_loss else out
-        if step.indexer_loss and compressed.shape[1]:
-            scores = out[1]  # (B, S, N)
+        if not step.indexer_loss:
+            topk = self.indexer(x, q_latent, positions, cache.indexer, inv_freq, fp4=step.fp4_indexer)
+            return None if step.attention == "dense" else topk
+
+        def dense_target(s: int, e: int) -> torch.Tensor:  # (B, e - s, N), computed per query chunk
             with torch.no_grad():
-                logits = torch.einsum("bshd,bnd->bshn", q, compressed).float() * self.head_dim ** -0.5
-                hidden = torch.arange(compressed.shape[1], device=x.device) >= visible_entries(positions, self.ratio)[:, None]
+                logits = torch.einsum("bshd,bnd->bshn", q[:, s:e], compressed).float() * self.head_dim ** -0.5
+                hidden = torch.arange(compressed.shape[1], device=x.device) >= visible_entries(
+                    positions[s:e], self.ratio)[:, None]
                 p = logits.masked_fill(hidden[None, :, None], float("-inf")).softmax(-1).nan_to_num(0.0).sum(2)
-                p = p / p.sum(-1, keepdim=True).clamp(min=1e-30)  # (B, S, N)
-                has = ~hidden.all(-1)  # queries with at least one finished entry
-            log_q = scores[:, has].log_softmax(-1).masked_fill(hidden[None, has], 0.0)
-            p_has = p[:, has]
-            kl = (p_has * (p_has.clamp(min=1e-30).log() - log_q)).sum()
-            step.indexer_kl[self.layer_id].append((kl, int(has.sum()) * x.shape[0]))
+                return p / p.sum(-1, keepdim=True).clamp(min=1e-30)
+
+        topk, kl, count = self.indexer(x, q_latent, positions, cache.indexer, inv_freq, fp4=step.fp4_indexer,
+                                       kl_target=dense_target)
+        if count:
+            step.indexer_kl[self.layer_id].append((kl, count))
         return None if step.attention == "dense" else topk
 
 

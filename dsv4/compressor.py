@@ -11,8 +11,11 @@ block is finished: entry w is visible iff (w + 1) * ratio <= t + 1.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from . import kernels
 from .cache import CompressorState
@@ -93,41 +96,64 @@ class Indexer(nn.Module):
 
     def forward(self, x: torch.Tensor, q_latent: torch.Tensor, positions: torch.Tensor, state: CompressorState,
                 inv_freq: torch.Tensor, score_budget: int = 1 << 25, fp4: bool = False,
-                return_scores: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                kl_target: Callable[[int, int], torch.Tensor] | None = None):
         """-> indices (B, S, k') of the chosen entries, k' = min(topk, entries), -1 where none is left.
 
         Training options: `fp4` fake-quantises queries and keys to FP4 (the released indexer's QK path);
-        `return_scores` also returns every score (B, S, N), -inf where not yet visible, with gradients (for
-        the indexer's KL loss; built in one piece, so it costs S * N * heads floats)."""
+        `kl_target(s, e)` -> (B, e - s, N), the dense attention distribution over the entries for queries
+        s..e-1 (no gradient): then also returns the indexer's distillation loss, the sum over queries of
+        KL(target || softmax(indexer scores)) with gradients, and how many (row, query) pairs it covers
+        (queries that see at least one entry)."""
         B, S, _ = x.shape
         keys = self.compressor(x, state, inv_freq)  # (B, N, Di)
         N = keys.shape[1]
         if N == 0:
             none = torch.full((B, S, 0), -1, dtype=torch.long, device=x.device)
-            return (none, x.new_zeros(B, S, 0, dtype=torch.float32)) if return_scores else none
+            return none if kl_target is None else (none, x.new_zeros(()), 0)
         if kernels.kv_fp8():  # see the keys as the compact cache stores them (`fp8_kv.fake_quantize_index_keys`)
             keys = fake_quantize_index_keys(keys)
         q, head_w = self.queries(x, q_latent, positions, inv_freq)
         if fp4:
             q, keys = fake_quant_fp4(q), fake_quant_fp4(keys)
         visible = visible_entries(positions, self.ratio)  # (S,)
-        k = min(self.topk, N)
-        if not return_scores and kernels.use_triton(q):  # fused scoring + top-k (same tie rule)
-            return kernels.index_topk(q, head_w, keys, positions, self.ratio, self.topk)
         # Scores are (B, chunk, Hi, N) before the head sum: chunk the queries to bound memory.
-        chunk = S if return_scores else max(1, score_budget // max(1, B * self.n_heads * N))
-        out, all_scores = [], []
+        chunk = max(1, score_budget // max(1, B * self.n_heads * N))
+        if kernels.use_triton(q):  # fused scoring + top-k (same tie rule)
+            indices = kernels.index_topk(q.detach(), head_w.detach(), keys.detach(), positions, self.ratio, self.topk)
+        else:
+            with torch.no_grad():
+                indices = torch.cat([self._select(q[:, s:s + chunk], head_w[:, s:s + chunk], keys,
+                                                  visible[s:s + chunk]) for s in range(0, S, chunk)], dim=1)
+        if kl_target is None:
+            return indices
+        kl, count = x.new_zeros((), dtype=torch.float32), 0
         for s in range(0, S, chunk):
             e = min(S, s + chunk)
-            scores = torch.einsum("bshd,bnd->bshn", q[:, s:e].float(), keys.float()).relu_()
-            scores = torch.einsum("bshn,bsh->bsn", scores, head_w[:, s:e]) * self.head_dim ** -0.5
-            future = torch.arange(N, device=x.device) >= visible[s:e, None]  # (chunk, N)
-            scores = scores.masked_fill(future, float("-inf"))
-            # Stable sort, not topk: equal scores (common, ReLU zeros) resolve to the lowest index, so the
-            # choice does not depend on how many future entries exist, and cached decode == full forward.
-            idx = scores.detach().sort(dim=-1, descending=True, stable=True).indices[..., :k]
-            out.append(torch.where(idx >= visible[s:e, None], -1, idx))
-            if return_scores:
-                all_scores.append(scores)
-        indices = torch.cat(out, dim=1)
-        return (indices, torch.cat(all_scores, dim=1)) if return_scores else indices
+            hidden = torch.arange(N, device=x.device) >= visible[s:e, None]  # (c, N)
+            has = ~hidden.all(-1)
+            if not has.any():
+                continue
+            # Checkpointed per chunk: the (B, c, Hi, N) scores are rebuilt in the backward instead of being
+            # kept, so the loss costs O(chunk x Hi x N) memory, not O(S x Hi x N) (16K-token training).
+            kl = kl + checkpoint(self._kl_chunk, q[:, s:e][:, has], head_w[:, s:e][:, has], keys,
+                                 kl_target(s, e)[:, has], hidden[has], use_reentrant=False)
+            count += int(has.sum()) * B
+        return indices, kl, count
+
+    def _scores(self, q: torch.Tensor, head_w: torch.Tensor, keys: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """score(t, s) = Di^-1/2 sum_h w_{t,h} ReLU(q_{t,h} . K_s) (eqs. 13-17), -inf where `hidden` (c, N)."""
+        scores = torch.einsum("bshd,bnd->bshn", q.float(), keys.float()).relu()
+        scores = torch.einsum("bshn,bsh->bsn", scores, head_w) * self.head_dim ** -0.5
+        return scores.masked_fill(hidden, float("-inf"))
+
+    def _select(self, q, head_w, keys, visible) -> torch.Tensor:
+        N = keys.shape[1]
+        scores = self._scores(q, head_w, keys, torch.arange(N, device=q.device) >= visible[:, None])
+        # Stable sort, not topk: equal scores (common, ReLU zeros) resolve to the lowest index, so the choice
+        # does not depend on how many future entries exist, and cached decode == full forward.
+        idx = scores.sort(dim=-1, descending=True, stable=True).indices[..., :min(self.topk, N)]
+        return torch.where(idx >= visible[:, None], -1, idx)
+
+    def _kl_chunk(self, q, head_w, keys, target, hidden) -> torch.Tensor:
+        log_q = self._scores(q, head_w, keys, hidden).log_softmax(-1).masked_fill(hidden, 0.0)
+        return (target * (target.clamp(min=1e-30).log() - log_q)).sum()
