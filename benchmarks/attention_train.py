@@ -12,6 +12,13 @@ among the finished entries).
 
     python benchmarks/attention_train.py [--tokens 4096 16384] [--iters 5] [--tiles '{"d_out": 512}' ...]
     python benchmarks/attention_train.py --dry      # tiny shapes on CPU through Triton's interpreter
+    python benchmarks/attention_train.py --sm90 [--spills] [--tiles ...]   # no GPU needed, see below
+
+--sm90 compiles, ahead of time for the H100 (sm_90a), every kernel launch one CSA and one HCA layer's forward +
+backward makes at Flash dims (4,096 tokens), in bf16 and fp32, and prints each one's shared memory per program
+(the card allows 232,448 bytes) and, with --spills, ptxas's registers and spill bytes. The launches are
+recorded from the real launcher on meta tensors, and each is specialised (int == 1, multiples of 16, aligned
+pointers) by Triton's own JIT rule, so it compiles what the GPU would. One JSON line per distinct launch.
 
 The kernel's default tiles were chosen by spill counts, untimed (see `sparse_attn_train._tiles`); worth timing
 beside them: --tiles '{}' --tiles '{"block_h": 32, "block_n": 16}' (no spills, but 2 head blocks: twice the CSA
@@ -58,6 +65,109 @@ def rel_err(a, b) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-30)).item()
 
 
+def record_launches(run) -> list:
+    """The kernel launches `run()` makes, recorded instead of run: [(kernel, args, kwargs)]. Give it meta
+    tensors (nothing is allocated, no device needed)."""
+    import triton
+
+    from dsv4.kernels import sparse_attn_train as sat
+
+    launches = []
+
+    class Recorder:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            return lambda *a, **kw: launches.append((self.kernel, a, kw))
+
+    real = {n: v for n, v in vars(sat).items() if isinstance(v, triton.runtime.JITFunction)}
+    try:
+        for n, kernel in real.items():
+            setattr(sat, n, Recorder(kernel))
+        run()
+    finally:
+        for n, kernel in real.items():
+            setattr(sat, n, kernel)
+    return launches
+
+
+def flash_layers(dtype: torch.dtype, tiles: dict, S: int = 4096):
+    """One CSA and one HCA layer's forward + backward at Flash dims on meta tensors (for `record_launches`)."""
+    from dsv4.kernels.sparse_attn_train import Tiles, sparse_attention_train
+
+    H, D, window = FLASH["H"], FLASH["D"], FLASH["window"]
+    for layer, ratio in FLASH["ratios"].items():
+        topk = FLASH["topk"] if layer == "csa" else None
+        meta = dict(device="meta", dtype=dtype, requires_grad=True)
+        q, kv = torch.empty(1, S, H, D, **meta), torch.empty(1, S, D, **meta)
+        comp = torch.empty(1, S // ratio, D, **meta)
+        sink = torch.empty(H, device="meta", requires_grad=True)  # fp32, as the model keeps it
+        tk = torch.empty(1, S, topk, device="meta", dtype=torch.int32) if topk else None
+        out = sparse_attention_train(q, kv, torch.arange(S, device="meta"), comp, tk, ratio, sink, D ** -0.5,
+                                     window, tiles=Tiles(**tiles))
+        torch.autograd.grad(out, (q, kv, comp, sink), torch.empty_like(out))
+
+
+def sm90_source(kernel, args: tuple, kwargs: dict):
+    """(ASTSource, options) of one recorded launch, specialised by the JIT's own rule (ints == 1 become
+    constants; ints and pointers divisible by 16 carry that hint, which lets loads vectorise and pipeline:
+    without the hints the shared memory comes out far smaller than on the GPU)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import native_specialize_impl
+
+    backend = make_backend(GPUTarget("cuda", 90, 32))
+    options = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}
+    bound = dict(zip(kernel.arg_names, args)) | {k: v for k, v in kwargs.items() if k not in options}
+    signature, constexprs, attrs = {}, {}, {}
+    for i, name in enumerate(kernel.arg_names):
+        spec = ("constexpr", None) if i in kernel.constexprs else \
+            native_specialize_impl(backend, bound[name], False, True, True)
+        signature[name] = spec[0]
+        if spec[0] == "constexpr":
+            constexprs[name] = bound[name]
+        elif isinstance(spec[1], str):
+            attrs[(i,)] = backend.parse_attr(spec[1])
+    return ASTSource(kernel, signature, constexprs, attrs), options
+
+
+def compile_sm90(launches: list, spills: bool = False) -> list[dict]:
+    """Compile each distinct recorded launch for sm_90a: its shared memory per program and, with `spills`,
+    ptxas's registers and spill bytes (a second ptxas pass over the PTX)."""
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    out, seen = [], set()
+    for kernel, args, kwargs in launches:
+        src, options = sm90_source(kernel, args, kwargs)
+        key = (src.hash(), tuple(sorted(options.items())))
+        if key in seen:
+            continue
+        seen.add(key)
+        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+        consts = {kernel.arg_names[i]: v for (i,), v in src.constants.items()}
+        rec = dict(kernel=kernel.__name__, shared=compiled.metadata.shared, num_warps=compiled.metadata.num_warps,
+                   num_stages=compiled.metadata.num_stages,
+                   constexprs={k: v for k, v in consts.items() if k not in ("D", "BLOCK_D")})
+        if spills:
+            from triton.backends.nvidia.compiler import get_ptxas
+
+            with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+                f.write(compiled.asm["ptx"])
+                f.flush()
+                log = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name=sm_90a", f.name, "-o", "/dev/null"],
+                                     capture_output=True, text=True, check=True).stderr
+            rec["registers"] = int(re.search(r"Used (\d+) registers", log).group(1))
+            rec["spill_bytes"] = sum(int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", log))
+        out.append(rec)
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--tokens", type=int, nargs="+", default=None)
@@ -67,10 +177,14 @@ def main() -> None:
                    help="JSON of sparse_attn_train.Tiles fields; repeat to time several tile choices")
     p.add_argument("--no-reference", action="store_true", help="kernel only (the reference needs tens of GiB)")
     p.add_argument("--dry", action="store_true", help="tiny shapes on CPU (Triton interpreter)")
+    p.add_argument("--sm90", action="store_true", help="compile for the H100 ahead of time: shared memory per kernel")
+    p.add_argument("--spills", action="store_true", help="with --sm90: also ptxas's registers and spill bytes")
     p.add_argument("--out", default=None, help="also append the JSON lines to this file")
     args = p.parse_args()
     if args.dry:
         os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels are decorated: before importing them
+    if args.sm90:
+        os.environ["TRITON_INTERPRET"] = "0"  # compiled kernels, not the interpreter's
     from dsv4.attention import sparse_attention as reference
     from dsv4.kernels.sparse_attn_train import Tiles, sparse_attention_train
 
@@ -87,6 +201,13 @@ def main() -> None:
         print(line, flush=True)
         if out_file:
             out_file.write(line + "\n")
+
+    if args.sm90:
+        for tiles in tile_sets:
+            for dt in (torch.bfloat16, torch.float32):
+                for rec in compile_sm90(record_launches(lambda: flash_layers(dt, tiles)), args.spills):
+                    emit(dtype=str(dt).removeprefix("torch."), tiles=tiles, **rec)
+        return
 
     def sync():
         if device == "cuda":

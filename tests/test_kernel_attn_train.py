@@ -3,10 +3,17 @@ and all four gradients (q, window_kv, compressed, sink), CSA / HCA / window only
 
 On CPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1) in fp32, where kernel and reference
 agree to rounding: relative L2 error < 1e-5 per tensor (measured < 1e-6). On a GPU they run in bf16
-against the fp32 reference: < 2e-2.
+against the fp32 reference: < 2e-2. The sink stays fp32 on both, as the model keeps it.
+
+`test_kernels_fit_sm90` needs neither: it compiles every launch ahead of time for the H100 and checks its
+shared memory against the card's limit.
 """
 
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +22,7 @@ from dsv4 import kernels
 from dsv4.attention import sparse_attention as reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-pytestmark = pytest.mark.skipif(
+runs_kernels = pytest.mark.skipif(
     not kernels.triton_available() or (DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1"),
     reason="needs triton and a GPU, or TRITON_INTERPRET=1 on CPU")
 
@@ -48,8 +55,9 @@ CASES = {
     # 13 queries: not a multiple of any tile; holes; 9 entries over 26 query rows: shared picks
     "csa_holes_shared_picks": (2, 13, 4, 32, 3, 9, 5, 4, 8, {}),
     "csa_topk_gt_entries": (1, 6, 4, 32, 5, 3, 7, 4, 8, {}),
-    # Flash's 64 heads x 512 dims with the default tiles: 32-column chunks, two 256-column output programs
-    "csa_flash_dims": (1, 16, 64, 512, 2, 5, 4, 4, 12, {}),
+    # Flash's 64 heads x 512 dims with bf16's default tiles (fp32's are smaller): 32-column chunks, two
+    # 256-column output programs
+    "csa_flash_dims": (1, 16, 64, 512, 2, 5, 4, 4, 12, dict(block_h=64, block_n=32, block_m=64, d_in=32, d_out=256)),
     # D chunked: 4 contraction chunks, 2 output-column programs, (query, head) tiles across queries;
     # 20 heads in blocks of 16: two programs per query add into the same picked entries
     "csa_d_tiled_head_blocks": (1, 7, 20, 64, 4, 6, 4, 2, 6, dict(d_in=16, d_out=32, block_m=16, block_h=16)),
@@ -75,9 +83,10 @@ def make_inputs(case):
     return (q, window_kv, positions, compressed, topk, ratio, sink, D ** -0.5, window), weight
 
 
-def on_device(args):
-    return [a.to(DEVICE, DTYPE) if isinstance(a, torch.Tensor) and a.is_floating_point() else
-            a.to(DEVICE) if isinstance(a, torch.Tensor) else a for a in args]
+def on_device(args, device=DEVICE, dtype=DTYPE):
+    """The test's dtype for q, window_kv and compressed; the sink (argument 6) stays fp32."""
+    return [a.to(device, dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() and i != 6 else
+            a.to(device) if isinstance(a, torch.Tensor) else a for i, a in enumerate(args)]
 
 
 def grads(fn, args, weight):
@@ -87,6 +96,7 @@ def grads(fn, args, weight):
     return [out] + [leaves[i].grad for i in (0, 1, 3, 6) if leaves[i] is not None]
 
 
+@runs_kernels
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_forward_and_gradients_match_reference(case):
     args, weight = make_inputs(case)
@@ -104,6 +114,7 @@ def test_forward_and_gradients_match_reference(case):
         assert rel_err(o.cpu(), r) < TOL, (name, rel_err(o.cpu(), r))
 
 
+@runs_kernels
 def test_only_some_inputs_need_grad():
     """Detached compressed entries and sink (the CSA atomics are skipped): q and window_kv gradients unchanged."""
     args, weight = make_inputs("csa_holes_shared_picks")
@@ -115,6 +126,7 @@ def test_only_some_inputs_need_grad():
     assert rel_err(q2.grad.cpu(), q.grad) < TOL and rel_err(kv2.grad.cpu(), kv.grad) < TOL
 
 
+@runs_kernels
 def test_seam_trains_through_the_kernel(monkeypatch):
     """While autograd records and the kernel is enabled, the seam takes the trainable kernel on the Triton
     path; not when it is off (the default), not without autograd (the forward-only kernel) nor under the FP8
@@ -141,3 +153,43 @@ def test_seam_trains_through_the_kernel(monkeypatch):
     assert len(calls) == 1
     for o, r in zip(ours, ref):
         assert rel_err(o, r) < TOL
+
+
+# Run in a child process: the kernels must be compiled, not interpreted, whatever TRITON_INTERPRET says here.
+# Launches are recorded on meta tensors: Flash dims through benchmarks/attention_train.py (bf16, fp32), and
+# this file's cases in bf16, as a GPU runs them.
+SM90_CHECK = """
+import json, sys, torch
+sys.path[:0] = ["benchmarks", "tests"]
+import attention_train as bench, test_kernel_attn_train as t
+from dsv4.kernels import sparse_attn_train as sat
+
+def case(name):
+    args, weight = t.make_inputs(name)
+    t.grads(lambda *a: sat.sparse_attention_train(*a, tiles=sat.Tiles(**t.CASES[name][-1])),
+            t.on_device(args, "meta", torch.bfloat16), weight.to("meta"))
+
+launches = [x for dt in (torch.bfloat16, torch.float32) for x in bench.record_launches(lambda: bench.flash_layers(dt, {}))]
+launches += [x for name in t.CASES for x in bench.record_launches(lambda: case(name))]
+print(json.dumps(bench.compile_sm90(launches)))
+"""
+
+
+@pytest.mark.skipif(not kernels.triton_available(), reason="needs triton")
+def test_kernels_fit_sm90():
+    """Every launch of one CSA and one HCA layer's forward + backward at Flash dims (bf16 and fp32), and of
+    the cases above, compiled for the H100 ahead of time: shared memory per program within the card's
+    232,448 bytes (the first GPU run asked for 430,464)."""
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.runtime.jit import native_specialize_impl  # noqa: F401
+    except ImportError as e:
+        pytest.skip(f"this triton has no ahead-of-time compile for sm_90 as used here: {e}")
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    run = subprocess.run([sys.executable, "-c", SM90_CHECK], cwd=root, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    records = json.loads(run.stdout.splitlines()[-1])
+    assert {r["kernel"] for r in records} == {"_fwd_kernel", "_delta_kernel", "_bwd_q_kernel", "_bwd_kv_kernel"}
+    too_big = [r for r in records if r["shared"] > 232448]
+    assert not too_big, too_big

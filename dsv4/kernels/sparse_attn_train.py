@@ -150,7 +150,10 @@ def _probs(QB, DOB, qr, qm, KB, kr, km, vis, lse, delta, qk_scale, scale,
     dtype = QB.dtype.element_ty
     s = tl.zeros([BM, BN], dtype=tl.float32)
     dp = tl.zeros([BM, BN], dtype=tl.float32)
-    for c in tl.static_range(0, BLOCK_D, D_IN):
+    # A loop, not unrolled: unrolled, the compiler staged all 16 chunks' operands in shared memory at once
+    # (147 KB at D = 512, 430 KB with the key loop pipelined); as a loop one chunk is resident, and only
+    # this innermost loop is pipelined, its loads 3 chunks ahead (+10 KB).
+    for c in tl.range(0, BLOCK_D, D_IN, num_stages=3):
         d = c + tl.arange(0, D_IN)
         dm = d < D
         k = tl.trans(_load(KB, kr, km, d, dm, D).to(dtype))
@@ -278,23 +281,39 @@ def _num_sms(device: torch.device) -> int:
     return 4
 
 
-def _tiles(t: Tiles, H: int, D: int) -> dict:
-    """Defaults from the head dim, chosen without a GPU: the kernels compiled for sm_90 ahead of time and
-    ptxas's spill counts compared over a grid of tiles (benchmarks/attention_train.py --tiles times them).
-    D = 512 (Flash): 64 heads x 256 output columns per dq program (wgmma-sized, every head's CSA gradient
-    summed before one atomic; ~300 B of spills, the least among 64-head tiles), 32-column contraction
-    chunks, 64 (query, head) rows x 32 keys per key-major program (no spills); the price of 256 output
-    columns is each tile's scores computed twice. D = 128: whole rows, no spills."""
+def _tiles(t: Tiles, H: int, D: int, dtype: torch.dtype, rows: int, sms: int) -> dict:
+    """Defaults from the head dim and dtype, chosen without a GPU: every launch compiled for sm_90 ahead of
+    time (`benchmarks/attention_train.py --sm90 --spills`: shared memory per program, ptxas's registers and
+    spills; the card allows 232,448 bytes) and kept where it fits with no spills; untimed.
+    bf16 at D = 512 (Flash): 64 heads x 256 output columns per dq program (wgmma-sized, every head's CSA
+    gradient summed before one atomic), 32-column contraction chunks, 64 (query, head) rows x 32 keys per
+    key-major program; the price of 256 output columns is each tile's scores computed twice.
+    fp32 takes ieee products, which run on the FMA units: each operand is staged through shared memory whole
+    and each product unrolled in registers, so at D = 512 the bf16 tiles need 270-800 KB and spill up to
+    160 KB (at D = 128-256 they fit but spill 1-170 KB); 16 x 16 tiles and 64 output columns fit at every
+    D (<= 66 KB at 512) with no spills.
+    Pipelining: the forward keeps two key tiles in flight (as the inference kernel, measured on the H100);
+    the backward pipelines only its innermost loop, over contraction chunks (`_probs`), since a 3-stage key
+    loop over the 16 unrolled chunks asked for 430 KB."""
     BLOCK_D = max(16, triton.next_power_of_2(D))
-    wide = BLOCK_D > 256
-    d_out = min(t.d_out or min(BLOCK_D, 256), BLOCK_D)
+    heads = max(16, min(64, triton.next_power_of_2(H)))
+    if dtype == torch.float32:
+        d = dict(block_h=16, block_n=16, block_m=16, d_in=32, d_out=64, num_warps=4, fwd_block_h=16)
+    elif BLOCK_D > 256:
+        # forward heads as the inference kernel (sparse_attn.attend): 32 when too few rows fill the card
+        d = dict(block_h=heads, block_n=32, block_m=64, d_in=32, d_out=256, num_warps=8,
+                 fwd_block_h=min(heads, 64 if rows >= 2 * sms else 32))
+    else:
+        d = dict(block_h=heads, block_n=16, block_m=32, d_in=BLOCK_D, d_out=BLOCK_D, num_warps=4, fwd_block_h=heads)
+    d_out = min(t.d_out or d["d_out"], BLOCK_D)
     return dict(BLOCK_D=BLOCK_D,
-                block_h=t.block_h or max(16, min(64, triton.next_power_of_2(H))),
-                block_n=t.block_n or (32 if wide else 16),
-                block_m=t.block_m or (64 if wide else 32),
-                d_in=min(t.d_in or (32 if wide else BLOCK_D), d_out),
+                block_h=t.block_h or d["block_h"],
+                fwd_block_h=t.block_h or d["fwd_block_h"],
+                block_n=t.block_n or d["block_n"],
+                block_m=t.block_m or d["block_m"],
+                d_in=min(t.d_in or d["d_in"], d_out),
                 d_out=d_out,
-                num_warps=t.num_warps or (8 if wide else 4))
+                num_warps=t.num_warps or d["num_warps"])
 
 
 def _prec(q: torch.Tensor) -> str:
@@ -318,7 +337,7 @@ class SparseAttention(torch.autograd.Function):
         B, S, H, D = q.shape
         L = window_kv.shape[1]
         mode = _mode(compressed, topk)
-        t = _tiles(tiles, H, D)
+        t = _tiles(tiles, H, D, q.dtype, B * S, _num_sms(q.device))
         q_, w_ = q.contiguous(), window_kv.contiguous()
         c_ = compressed.contiguous() if mode else w_  # placeholder of the right type when unused
         pos = positions.to(device=q.device, dtype=torch.int32).contiguous()
@@ -327,14 +346,11 @@ class SparseAttention(torch.autograd.Function):
         K = topk.shape[-1] if mode == 2 else 0
         o = torch.empty_like(q_)
         lse = torch.empty(B, S, H, device=q.device, dtype=torch.float32)
-        wide = t["BLOCK_D"] > 256
-        # Forward tiles as the inference kernel's (sparse_attn.attend): measured there on the H100.
-        bh = tiles.block_h or max(16, min(64 if (B * S >= 2 * _num_sms(q.device) or not wide) else 32,
-                                          triton.next_power_of_2(H)))
+        bh = t["fwd_block_h"]
         _fwd_kernel[(B * S, triton.cdiv(H, bh))](
             q_, w_, c_, tk, pos, sink, o, lse, S, H, L, N, K, scale * LOG2E, window, ratio,
             D=D, BLOCK_D=t["BLOCK_D"], BLOCK_H=bh, BLOCK_N=t["block_n"], MODE=mode, PREC=_prec(q),
-            num_warps=t["num_warps"])
+            num_warps=t["num_warps"], num_stages=2)
         ctx.save_for_backward(q_, w_, c_ if mode else None, sink, pos, tk if mode == 2 else None, o, lse)
         ctx.args = (mode, ratio, scale, window, tiles)
         return o
@@ -347,7 +363,7 @@ class SparseAttention(torch.autograd.Function):
         L = w.shape[1]
         N = c.shape[1] if mode else 0
         K = tk.shape[-1] if mode == 2 else 0
-        t = _tiles(tiles, H, D)
+        t = _tiles(tiles, H, D, q.dtype, B * S, _num_sms(q.device))
         BLOCK_D, bn, d_in, d_out, warps = t["BLOCK_D"], t["block_n"], t["d_in"], t["d_out"], t["num_warps"]
         n_out = triton.cdiv(D, d_out)
         prec, qk_scale = _prec(q), scale * LOG2E
@@ -360,6 +376,7 @@ class SparseAttention(torch.autograd.Function):
 
         dq = dw = dc = dsink = None
         dc32 = torch.zeros(B, N, D, device=q.device, dtype=torch.float32) if mode == 2 and need_c else None
+        # num_stages=1: the key / row loops are not pipelined, only `_probs`'s chunk loop inside them (see _tiles)
         if need_q or dc32 is not None:
             dq = torch.empty_like(q)
             bh = t["block_h"]
@@ -367,10 +384,10 @@ class SparseAttention(torch.autograd.Function):
                 q, do, w, c if mode else w, tk if mode == 2 else pos, pos, lse, delta, dq,
                 dc32 if dc32 is not None else dq, S, H, L, N, K, qk_scale, scale, window, ratio,
                 D=D, BLOCK_D=BLOCK_D, BLOCK_H=bh, BLOCK_N=bn, D_IN=d_in, D_OUT=d_out, MODE=mode,
-                DC_GRAD=dc32 is not None, PREC=prec, num_warps=warps)
+                DC_GRAD=dc32 is not None, PREC=prec, num_warps=warps, num_stages=1)
             dq = dq if need_q else None
         kv_args = dict(D=D, BLOCK_D=BLOCK_D, BLOCK_M=t["block_m"], BLOCK_N=bn, D_IN=d_in, D_OUT=d_out, PREC=prec,
-                       num_warps=warps)
+                       num_warps=warps, num_stages=1)
         if need_w:
             dw = torch.empty_like(w)
             n_kb = triton.cdiv(L, bn)
