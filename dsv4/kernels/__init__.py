@@ -34,49 +34,49 @@ def backend() -> str:
 
 
 @contextlib.contextmanager
+def _scoped(var: contextvars.ContextVar, value):
+    """`var` = value inside a `with` block (per thread / task: contextvars)."""
+    token = var.set(value)
+    try:
+        yield
+    finally:
+        var.reset(token)
+
+
+def _switch(var: contextvars.ContextVar, env: str) -> bool:
+    """A boolean switch: the innermost `with` block's value, else the environment variable `env` (=1 on)."""
+    flag = var.get()
+    return os.environ.get(env, "0") == "1" if flag is None else flag
+
+
 def use(name: str):
     """Force a backend inside a `with` block: `with kernels.use("reference"): model(ids)`."""
     if name not in BACKENDS:
         raise KernelBackendError(f"unknown kernel backend {name!r}; choose one of {BACKENDS}")
-    token = _backend.set(name)
-    try:
-        yield
-    finally:
-        _backend.reset(token)
+    return _scoped(_backend, name)
 
 
 def train_kernel() -> bool:
     """Whether training's core attention may take the trainable Triton kernel (`sparse_attn_train`); off
-    unless DSV4_TRAIN_KERNEL=1 or `with use_train_kernel():`. Opt-in because on the H100 (2026-11-25) it
-    asked for 430 KB of shared memory per program at head dim 512 (limit 227 KB) and one of its tests failed:
-    it passes its tests in the CPU interpreter but its tiles are not yet fitted to a real GPU."""
-    flag = _train_kernel.get()
-    return os.environ.get("DSV4_TRAIN_KERNEL", "0") == "1" if flag is None else flag
+    unless DSV4_TRAIN_KERNEL=1 or `with use_train_kernel():`. Opt-in because its first H100 run
+    (2026-11-25) exceeded shared memory at head dim 512; its tiles were refitted offline for sm_90 since,
+    but it has not yet run on a GPU (benchmarks/RESULTS.md, training)."""
+    return _switch(_train_kernel, "DSV4_TRAIN_KERNEL")
 
 
-@contextlib.contextmanager
 def use_train_kernel(enabled: bool = True):
-    token = _train_kernel.set(enabled)
-    try:
-        yield
-    finally:
-        _train_kernel.reset(token)
+    return _scoped(_train_kernel, enabled)
 
 
 def kv_fp8() -> bool:
     """Whether attention sees KV through the FP8 record (the official FP8 KV simulation; DSV4_KV_FP8=1)."""
-    flag = _kv_fp8.get()
-    return os.environ.get("DSV4_KV_FP8", "0") == "1" if flag is None else flag
+    return _switch(_kv_fp8, "DSV4_KV_FP8")
 
 
-@contextlib.contextmanager
 def simulate_fp8_kv(enabled: bool = True):
-    """Round every window and compressed KV entry through the 584-byte FP8 record before attention."""
-    token = _kv_fp8.set(enabled)
-    try:
-        yield
-    finally:
-        _kv_fp8.reset(token)
+    """Round every window and compressed KV entry (and the indexer's keys) through the compact cache's
+    formats before attention, inside a `with` block."""
+    return _scoped(_kv_fp8, enabled)
 
 
 def triton_available() -> bool:
