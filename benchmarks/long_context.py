@@ -28,16 +28,11 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from dsv4.analysis import parse_context  # noqa: E402
 from dsv4.config import preset  # noqa: E402
 from dsv4.kernels.paged_cache import PagedKVCache  # noqa: E402
-from dsv4.model import Transformer, init_weights  # noqa: E402
+from dsv4.model import build_random  # noqa: E402
 from dsv4.paged import PagedBatch  # noqa: E402
-
-
-def parse_size(s: str) -> int:
-    s = s.strip().upper()
-    mult = {"K": 1 << 10, "M": 1 << 20}.get(s[-1], 1)
-    return int(s[:-1] if s[-1] in "KM" else s) * mult
 
 
 def build(args, device):
@@ -47,15 +42,7 @@ def build(args, device):
     cfg = base.replace(num_hidden_layers=n, compress_ratios=ratios, num_nextn_predict_layers=0,
                        n_routed_experts=args.experts, num_experts_per_tok=min(base.num_experts_per_tok, args.experts),
                        num_hash_layers=min(base.num_hash_layers, n))
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    dtype = torch.float32 if args.dry else torch.bfloat16
-    model.to_dtype(dtype)  # on meta: only the dtypes change, nothing is allocated
-    model.to_empty(device=device)
-    with torch.no_grad():
-        init_weights(model, seed=args.seed)  # drawn on the device
-    model.reset_rope()
-    return model.eval(), cfg
+    return build_random(cfg, device, torch.float32 if args.dry else torch.bfloat16, args.seed), cfg
 
 
 def gib(x: int) -> float:
@@ -128,7 +115,7 @@ def main(argv=None):
     ap.add_argument("--dry", action="store_true", help="tiny model on CPU: checks the script runs")
     args = ap.parse_args(argv)
     device = "cpu" if args.dry else "cuda"
-    ctx, report = parse_size(args.ctx), parse_size(args.report)
+    ctx, report = parse_context(args.ctx), parse_context(args.report)
     if args.dry:
         ctx, args.chunk, args.decode, report = min(ctx, 300), 64, 4, 128
     torch.manual_seed(args.seed)

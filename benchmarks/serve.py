@@ -29,7 +29,7 @@ import torch
 from dsv4.config import preset
 from dsv4.engine import Engine, EngineConfig, SamplingParams
 from dsv4.generate import generate
-from dsv4.model import Transformer
+from dsv4.model import Transformer, build_random
 
 
 def build_model(name: str, experts: int, layers: int | None, device: str, dtype: torch.dtype) -> Transformer:
@@ -39,28 +39,7 @@ def build_model(name: str, experts: int, layers: int | None, device: str, dtype:
     if layers:
         changes.update(num_hidden_layers=layers, compress_ratios=None)
     c = c.replace(**changes)
-    with torch.device("meta"):
-        model = Transformer(c)
-    model.to_dtype(dtype)
-    model.to_empty(device=device)
-    gen = torch.Generator(device=device).manual_seed(0)
-    with torch.no_grad():
-        for n, p in model.named_parameters():  # the init_weights rules, drawn on the device
-            leaf = n.rsplit(".", 1)[-1]
-            if n.endswith("norm.weight") or leaf.endswith("_scale"):
-                p.fill_(1.0)
-            elif leaf.endswith("_base") or leaf in ("ape", "attn_sink"):
-                p.zero_()
-            else:
-                p.normal_(0, c.initializer_range, generator=gen)
-        for n, b in model.named_buffers():
-            if n.endswith("tid2eid"):
-                b.copy_(torch.rand(c.vocab_size, c.n_routed_experts, device=device, generator=gen)
-                        .argsort(-1)[:, :b.shape[1]])
-            elif n.endswith("gate.bias"):
-                b.zero_()
-    model.reset_rope()
-    return model.eval()
+    return build_random(c, device, dtype)
 
 
 def sync():

@@ -172,6 +172,20 @@ def _fresh_layer(layer: Block, x: torch.Tensor, input_ids: torch.Tensor, views: 
     return layer(x, input_ids, views, inv_freq, step)
 
 
+def build_random(config: Config, device: torch.device | str, dtype: torch.dtype = torch.bfloat16,
+                 seed: int = 0) -> Transformer:
+    """A randomly initialised eval-mode model allocated directly on `device` in `dtype` (fp32 where the release
+    keeps it): built on meta, so a 16B-parameter benchmark model never passes through CPU memory."""
+    with torch.device("meta"):
+        model = Transformer(config)
+    model.to_dtype(dtype)  # on meta: only the dtypes change, nothing is allocated
+    model.to_empty(device=device)
+    with torch.no_grad():
+        init_weights(model, seed)  # drawn on the device
+    model.reset_rope()
+    return model.eval()
+
+
 def keeps_fp32(name: str) -> bool:
     leaf = name.rsplit(".", 1)[-1]
     return name.endswith("norm.weight") or leaf.startswith("hc_") or leaf in ("attn_sink", "ape", "bias")

@@ -149,11 +149,7 @@ def _compress_decode(comp: Compressor, x: torch.Tensor, pool: PagedKVCache, laye
     if comp.overlap:
         kv_state[sl, r:2 * r, :D] = state.overlap_kv.float()
         gate_state[sl, r:2 * r, :D] = state.overlap_gate.float()
-    rows = torch.cat([pool._rows(r, slots[b], w, 1) for b, w in zip(fin, first)])
-    if indexer:
-        pool.keys[layer][rows] = pool.quantize_index_keys(entries)
-    else:
-        pool.entries[layer][rows] = fp8_kv.pack(*fp8_kv.quantize(entries, pool.config.qk_rope_head_dim))
+    pool.write_one_each(layer, [slots[b] for b in fin], first, entries, index_keys=indexer)
 
 
 def _decode(attn, x, q, kv, q_latent, batch: PagedBatch, positions: torch.Tensor,

@@ -159,12 +159,24 @@ class PagedKVCache:
 
     def write_entries(self, layer: int, slot: int, entries: torch.Tensor, start: int) -> None:
         """Finished compressed entries (n, D) with indices start.. of `slot`."""
-        rows = self._rows(self.ratios[layer], slot, start, entries.shape[0])
-        self.entries[layer][rows] = fp8_kv.pack(*fp8_kv.quantize(entries, self.config.qk_rope_head_dim))
+        self._store(layer, self._rows(self.ratios[layer], slot, start, entries.shape[0]), entries, index_keys=False)
 
     def write_index_keys(self, layer: int, slot: int, keys: torch.Tensor, start: int) -> None:
-        rows = self._rows(4, slot, start, keys.shape[0])
-        self.keys[layer][rows] = self.quantize_index_keys(keys)
+        self._store(layer, self._rows(4, slot, start, keys.shape[0]), keys, index_keys=True)
+
+    def write_one_each(self, layer: int, slots: list[int], indices: list[int], x: torch.Tensor,
+                       index_keys: bool = False) -> None:
+        """Decode: row i of x (F, D) is entry indices[i] of slots[i] (a compressed entry, or an index key)."""
+        ratio = 4 if index_keys else self.ratios[layer]
+        self._store(layer, torch.cat([self._rows(ratio, s, w, 1) for s, w in zip(slots, indices)]), x, index_keys)
+
+    def _store(self, layer: int, rows: torch.Tensor, x: torch.Tensor, index_keys: bool) -> None:
+        """x (n, D) -> its stored format at pool `rows`: index keys in this cache's key format, KV entries as
+        the 584-byte FP8 record."""
+        if index_keys:
+            self.keys[layer][rows] = self.quantize_index_keys(x)
+        else:
+            self.entries[layer][rows] = fp8_kv.pack(*fp8_kv.quantize(x, self.config.qk_rope_head_dim))
 
     def quantize_index_keys(self, keys: torch.Tensor) -> torch.Tensor:
         """(n, Di) -> (n, key bytes) uint8 (`fp8_kv.quantize_index_keys` in this cache's format)."""
