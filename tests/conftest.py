@@ -1,8 +1,21 @@
+import os
+
 import pytest
 import torch
 
+from dsv4 import kernels
 from dsv4.config import preset
 from dsv4.model import Transformer
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# Triton kernels run on a GPU, or on CPU in Triton's interpreter (`make test` sets TRITON_INTERPRET=1 there).
+CAN_RUN_KERNELS = kernels.triton_available() and (DEVICE == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
+needs_kernels = pytest.mark.skipif(not CAN_RUN_KERNELS, reason="needs triton and a GPU, or TRITON_INTERPRET=1 on CPU")
+
+
+def rel_err(a, b):
+    """Relative L2 error of a against b."""
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 def random_model(config, seed=0, spread=0.3):

@@ -20,11 +20,9 @@ import torch
 
 from dsv4 import kernels
 from dsv4.attention import sparse_attention as reference
+from tests.conftest import DEVICE, needs_kernels
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-runs_kernels = pytest.mark.skipif(
-    not kernels.triton_available() or (DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1"),
-    reason="needs triton and a GPU, or TRITON_INTERPRET=1 on CPU")
+runs_kernels = needs_kernels
 
 if kernels.triton_available():
     from dsv4.kernels import sparse_attn_train as sat

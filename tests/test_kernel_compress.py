@@ -6,7 +6,6 @@ against `fp8_kv.pack(fp8_kv.quantize(...))`, rounding ties and scale boundaries 
 On a CPU machine the kernel runs in Triton's interpreter (TRITON_INTERPRET=1); on a GPU it compiles.
 """
 
-import os
 
 import pytest
 import torch
@@ -16,11 +15,9 @@ from dsv4.cache import CompressorState
 from dsv4.compressor import Compressor
 from dsv4.config import preset
 from dsv4.kernels import fp8_kv
+from tests.conftest import DEVICE, needs_kernels, rel_err
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-pytestmark = pytest.mark.skipif(
-    not kernels.triton_available() or (DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1"),
-    reason="needs triton and a GPU, or TRITON_INTERPRET=1 on CPU")
+pytestmark = needs_kernels
 
 if kernels.triton_available():
     import triton
@@ -38,10 +35,6 @@ if kernels.triton_available():
         _write_record(x, R8 + i * srec, R16 + i * srec16, D, ROPE, GROUP, NSC, PAD)
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
-
-
-def rel_err(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 def inv_freq(rope):

@@ -5,18 +5,15 @@ twenty Sinkhorn iterations; and the seam's routing.
 On a CPU machine the kernel runs in Triton's interpreter (TRITON_INTERPRET=1, as `make test` sets it).
 """
 
-import os
 
 import pytest
 import torch
 
 from dsv4 import kernels
 from dsv4.mhc import hc_maps, hc_maps_from_mixes, hc_mult
+from tests.conftest import DEVICE, needs_kernels
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-pytestmark = pytest.mark.skipif(
-    not kernels.triton_available() or (DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1"),
-    reason="needs triton and a GPU, or TRITON_INTERPRET=1 on CPU")
+pytestmark = needs_kernels
 
 if kernels.triton_available():
     from dsv4.kernels.mhc_maps import hc_maps_fused

@@ -5,7 +5,6 @@ On a CPU machine the kernels run in Triton's interpreter: set TRITON_INTERPRET=1
 the same tests compile and run the kernels. Without triton, or on CPU without the interpreter, they skip.
 """
 
-import os
 
 import pytest
 import torch
@@ -16,12 +15,9 @@ from dsv4.attention import sparse_attention as attention_reference
 from dsv4.config import preset
 from dsv4.info import kv_bytes_per_token
 from dsv4.kernels import fp8_kv
-from tests.conftest import random_model
+from tests.conftest import DEVICE, needs_kernels, random_model, rel_err
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-pytestmark = pytest.mark.skipif(
-    not kernels.triton_available() or (DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1"),
-    reason="needs triton and a GPU, or TRITON_INTERPRET=1 on CPU")
+pytestmark = needs_kernels
 
 if kernels.triton_available():
     from dsv4.kernels import decode_attn as da
@@ -33,10 +29,6 @@ if kernels.triton_available():
 # Model dtype per device: fp32 in the interpreter (exact comparisons), bf16 on the GPU.
 DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
 TOL = 2e-2 if DTYPE == torch.bfloat16 else 1e-5
-
-
-def rel_err(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 def random_topk(gen, B, S, N, k, visible):

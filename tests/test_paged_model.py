@@ -6,7 +6,6 @@ Backends: "reference" everywhere; "triton" (decode attention + fused indexer top
 GPU or in the CPU interpreter (TRITON_INTERPRET=1, as `make test` sets it without a GPU).
 """
 
-import os
 
 import pytest
 import torch
@@ -15,12 +14,9 @@ from dsv4 import kernels
 from dsv4.config import preset
 from dsv4.kernels.paged_cache import CacheFull, PagedKVCache
 from dsv4.paged import PagedBatch
-from tests.conftest import random_model
+from tests.conftest import CAN_RUN_KERNELS, DEVICE, random_model
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-BACKENDS = ["reference"]
-if kernels.triton_available() and (DEVICE == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):
-    BACKENDS.append("triton")
+BACKENDS = ["reference", "triton"] if CAN_RUN_KERNELS else ["reference"]
 
 # CSA, HCA, window-only, CSA; window 8, top-k 3 < entries, so the indexer's choice matters.
 CONFIG = preset("tiny").replace(compress_ratios=[4, 128, 0, 4, 0], initializer_range=0.2)
