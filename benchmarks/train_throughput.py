@@ -1,6 +1,10 @@
 """Training throughput of a ~1.3B-parameter (0.5B active) V4 on one GPU, at 4K and 16K tokens per sequence.
 
     python benchmarks/train_throughput.py [--out DIR] [--lengths 4096 16384] [--steps 3] [--kernels auto reference]
+    python benchmarks/train_throughput.py --profile [--lengths 4096]   # where one step's time goes
+
+--profile times nothing: it runs one step under torch.profiler after the warm-up and writes, per length, the ops
+with the most device time and the most host time, and the number of kernel launches, to `train_profile_<len>.txt`.
 
 The full recipe's sparse phase as `dsv4 train` runs it: Muon, bf16 autocast, FP4 QAT of experts and indexer,
 MTP, sequence-wise balance loss, indexer KL on detached inputs, packed documents (random tokens, 500-6000
@@ -89,6 +93,24 @@ def attention_paths(counts: collections.Counter):
             setattr(mod, attr, fn)
 
 
+def profile_step(trainer: Trainer, path: Path) -> None:
+    """One training step under torch.profiler: the top ops by device and by host time, and the launch count."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        trainer.train_step()
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx"))
+    syncs = sum(e.count for e in events if "Synchronize" in e.key or e.key == "cudaMemcpyAsync")
+    text = "\n\n".join([f"kernel launches: {launches}, synchronising calls (incl. memcpy): {syncs}",
+                         events.table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=70),
+                         events.table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=70)])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    print(text[:20000], flush=True)
+
+
 def run(args, backend: str, seq_len: int, ckpt: bool, device: str) -> dict | None:
     """One configuration, timed; None when it ran out of memory."""
     cfg = TrainConfig(model="small", model_overrides=MODEL, steps=args.warmup + args.steps, batch_size=1,
@@ -105,6 +127,9 @@ def run(args, backend: str, seq_len: int, ckpt: bool, device: str) -> dict | Non
             for _ in range(args.warmup):
                 t.train_step()
             torch.cuda.synchronize()
+            if args.profile:
+                profile_step(t, Path(args.out) / f"train_profile_{seq_len}.txt")
+                return None
             torch.cuda.reset_peak_memory_stats()
             t0 = time.perf_counter()
             with attention_paths(counts):
@@ -135,6 +160,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--kernels", nargs="+", default=["auto"], choices=kernels.BACKENDS,
                    help="kernel seam backend(s), one run each (reference: the pre-kernel baseline)")
+    p.add_argument("--profile", action="store_true", help="profile one step per length instead of timing")
     args = p.parse_args()
     device = "cuda"
     results = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "runs": []}
@@ -142,10 +168,14 @@ def main() -> None:
         for seq_len in args.lengths:
             for ckpt in (False, True):
                 row = run(args, backend, seq_len, ckpt, device)
+                if args.profile:
+                    break
                 if row is not None:
                     results["runs"].append(row)
                     print(json.dumps(row), flush=True)
                     break  # checkpointing only when needed
+    if args.profile:
+        return
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "train_throughput.json").write_text(json.dumps(results, indent=2))
 
