@@ -52,6 +52,13 @@ class Tiles:
 
 # Addressing: every tile is a scalar int64 base pointer (its first row) plus int32 offsets inside it; a
 # tensor of per-element 64-bit addresses would cost two registers per element (ptxas on sm_90 spilled).
+# Training packs documents of every length and attends per document, so the lengths change on nearly every call;
+# Triton's default specialisation of integer arguments (== 1, divisible by 16) would compile a new variant for each
+# new combination (seconds each; the likely reason a timed 4K training step took 4.4 s with this kernel on the H100,
+# against 2.5 s on the reference). They only bound loops and masks here, so they are left unspecialised.
+_LENGTHS = ["S", "L", "N", "K"]
+
+
 @triton.jit
 def _load(base, rows, rm, d, dm, D: tl.constexpr):
     return tl.load(base + rows[:, None] * D + d[None, :], mask=rm[:, None] & dm[None, :], other=0.0)
@@ -82,7 +89,7 @@ def _softmax_step(q, k, valid, m_i, l_i, acc, qk_scale, PREC: tl.constexpr):
     return m_new, l_i, acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_LENGTHS)
 def _fwd_kernel(Q, W, C, TOPK, POS, SINK, O, LSE, S, H, L, N, K, qk_scale, window, ratio,
                 D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
                 MODE: tl.constexpr, PREC: tl.constexpr):
@@ -127,7 +134,7 @@ def _fwd_kernel(Q, W, C, TOPK, POS, SINK, O, LSE, S, H, L, N, K, qk_scale, windo
     tl.store(LSE + row.to(tl.int64) * H + h, m_i + tl.log2(l_i), mask=hm)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["R"])
 def _delta_kernel(O, DO, DELTA, R, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr):
     """delta = rowsum(dO * O) in fp32 per (query, head): the softmax backward's correction term."""
     r0 = tl.program_id(0) * BLOCK_H
@@ -164,7 +171,7 @@ def _probs(QB, DOB, qr, qm, KB, kr, km, vis, lse, delta, qk_scale, scale,
     return p, p * (dp - delta[:, None]) * scale
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_LENGTHS)
 def _bwd_q_kernel(Q, DO, W, C, TOPK, POS, LSE, DELTA, DQ, DC, S, H, L, N, K, qk_scale, scale, window, ratio,
                   D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
                   D_IN: tl.constexpr, D_OUT: tl.constexpr, MODE: tl.constexpr, DC_GRAD: tl.constexpr,
@@ -222,7 +229,7 @@ def _bwd_q_kernel(Q, DO, W, C, TOPK, POS, LSE, DELTA, DQ, DC, S, H, L, N, K, qk_
              mask=hm[:, None] & (dout < D)[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["S", "L", "NK", "n_kb", "q_per_split"])
 def _bwd_kv_kernel(Q, DO, KV, POS, LSE, DELTA, DKV, S, H, L, NK, n_kb, q_per_split, qk_scale, scale, window, ratio,
                    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    D_IN: tl.constexpr, D_OUT: tl.constexpr, HCA: tl.constexpr, PREC: tl.constexpr):
