@@ -7,7 +7,8 @@ once per dim, and a merge that visited the splits one after another. Here:
 
   `_partial_kernel`  grid (splits, head blocks, B). A split owns CHUNK consecutive keys of one source (window
                      splits first, then compressed: the indexer's top-k for CSA, or every finished entry for
-                     HCA) and BLOCK_H query heads (MQA: the heads are the M of both matmuls). A key is two
+                     HCA) and BLOCK_H query heads (MQA: the heads are the M of both matmuls); with a value
+                     split, VS programs share the split and head block, one slice of the value dims each. A key is two
                      dot operands, as the FP8 record (`fp8_kv`) stores it: the E4M3 dims, dequantised to the
                      model dtype with one scale load per 64 dims, and the BF16 RoPE dims; logits = q.k + qr.kr
                      and the value product goes to two accumulators, so no key is ever assembled from both
@@ -32,57 +33,96 @@ NEG = tl.constexpr(-1e30)  # "no key yet": finite, so exp2(NEG - m) is 0 without
 
 
 @triton.jit
-def _load_kv(X, XR, XS, s0, sr, ss, rows, valid, ALIGN: tl.constexpr, RALIGN: tl.constexpr,
-             BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, NOPE: tl.constexpr, RD: tl.constexpr,
-             ROPE: tl.constexpr, GS: tl.constexpr, FP8: tl.constexpr, dtype: tl.constexpr):
-    """`rows` -> the two dot operands: k (BLOCK_N, BLOCK_M) = dims [0, NOPE), kr (BLOCK_N, RD) = [NOPE, NOPE + ROPE),
-    zero past them and on invalid rows, in `dtype`.
+def _load_nope(X, XS, s0, ss, rows, valid, D0, ALIGN: tl.constexpr, BLOCK_N: tl.constexpr, WIDTH: tl.constexpr,
+               NOPE: tl.constexpr, GS: tl.constexpr, FP8: tl.constexpr, SCALED: tl.constexpr, dtype: tl.constexpr):
+    """`rows` -> dims [D0, D0 + WIDTH) of the first operand, (BLOCK_N, WIDTH) in `dtype`, zero past NOPE and on
+    invalid rows. D0 is a multiple of GS, GS divides 64 and WIDTH.
 
     FP8 records: the E4M3 part is viewed as (BLOCK_N, groups of GS dims) so each group costs one UE8M0 scale
-    load; E4M3 x 2^(e - 127) -> dtype is exact (4 significant bits times a power of two). RoPE dims are BF16
-    in their own slot. Dense rows: one load each for [0, NOPE) and [NOPE, NOPE + ROPE). Row offsets carry the
-    host-checked alignment (`_align`) so the loads vectorise (8-byte loads of the 8-byte-aligned records)."""
+    load; E4M3 x 2^(e - 127) -> dtype is exact (4 significant bits times a power of two). SCALED=False leaves
+    the scale out (bare E4M3 values, also exact in dtype): the caller applies it to a product instead. Row
+    offsets carry the host-checked alignment (`_align`) so the loads vectorise (8-byte loads of the
+    8-byte-aligned records)."""
     ro = tl.multiple_of(rows * s0, ALIGN)
     v = valid[:, None]
     if FP8:
-        g = tl.arange(0, BLOCK_M // GS)[None, :]  # (1, NG) group
-        d = g[:, :, None] * GS + tl.arange(0, GS)[None, None, :]  # (1, NG, GS) dim
+        g = tl.arange(0, WIDTH // GS)[None, :]  # (1, NG) group
+        d = D0 + g[:, :, None] * GS + tl.arange(0, GS)[None, None, :]  # (1, NG, GS) dim
         x = tl.load(X + ro[:, None, None] + d, mask=v[:, :, None] & (d < NOPE), other=0.0)
-        e = tl.load(XS + rows[:, None] * ss + (g * GS) // 64, mask=v & (g * GS < NOPE), other=127)
-        sc = (e.to(tl.int32) << 23).to(tl.float32, bitcast=True)  # 2^(e - 127), exactly
-        k = tl.reshape((x.to(tl.float32) * sc[:, :, None]).to(dtype), (BLOCK_N, BLOCK_M))
-    else:
-        dm = tl.arange(0, BLOCK_M)[None, :]
-        k = tl.load(X + ro[:, None] + dm, mask=v & (dm < NOPE), other=0.0).to(dtype)
-    if RD > 0:
-        dr = tl.arange(0, RD)[None, :]
-        if FP8:
-            rr = tl.multiple_of(rows * sr, RALIGN)
-            kr = tl.load(XR + rr[:, None] + dr, mask=v & (dr < ROPE), other=0.0).to(dtype)
+        if SCALED:
+            e = tl.load(XS + rows[:, None] * ss + (D0 + g * GS) // 64, mask=v & (D0 + g * GS < NOPE), other=127)
+            sc = (e.to(tl.int32) << 23).to(tl.float32, bitcast=True)  # 2^(e - 127), exactly
+            k = tl.reshape((x.to(tl.float32) * sc[:, :, None]).to(dtype), (BLOCK_N, WIDTH))
         else:
-            kr = tl.load(X + ro[:, None] + NOPE + dr, mask=v & (dr < ROPE), other=0.0).to(dtype)
+            k = tl.reshape(x.to(dtype), (BLOCK_N, WIDTH))
     else:
-        kr = k
-    return k, kr
+        dm = D0 + tl.arange(0, WIDTH)[None, :]
+        k = tl.load(X + ro[:, None] + dm, mask=v & (dm < NOPE), other=0.0).to(dtype)
+    return k
 
 
 @triton.jit
-def _step(q, qr, X, XR, XS, s0, sr, ss, rows, valid, m_i, l_i, acc, acc_r, qk_scale, ALIGN: tl.constexpr,
-          RALIGN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, NOPE: tl.constexpr, RD: tl.constexpr,
-          ROPE: tl.constexpr, GS: tl.constexpr, FP8: tl.constexpr, PREC: tl.constexpr):
+def _group_scale(XS, ss, rows, valid, D0):
+    """(BLOCK_N,) fp32 UE8M0 multipliers of the 64-dim scale block holding dim D0 (1 on invalid rows)."""
+    e = tl.load(XS + rows * ss + D0 // 64, mask=valid, other=127)
+    return (e.to(tl.int32) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _load_rope(X, XR, s0, sr, rows, valid, ALIGN: tl.constexpr, RALIGN: tl.constexpr, NOPE: tl.constexpr,
+               RD: tl.constexpr, ROPE: tl.constexpr, FP8: tl.constexpr, dtype: tl.constexpr):
+    """`rows` -> the second operand kr (BLOCK_N, RD) = dims [NOPE, NOPE + ROPE): BF16 in the record's own slot
+    (FP8) or the dense row's tail."""
+    dr = tl.arange(0, RD)[None, :]
+    v = valid[:, None]
+    if FP8:
+        rr = tl.multiple_of(rows * sr, RALIGN)
+        kr = tl.load(XR + rr[:, None] + dr, mask=v & (dr < ROPE), other=0.0).to(dtype)
+    else:
+        ro = tl.multiple_of(rows * s0, ALIGN)
+        kr = tl.load(X + ro[:, None] + NOPE + dr, mask=v & (dr < ROPE), other=0.0).to(dtype)
+    return kr
+
+
+@triton.jit
+def _step(q, qr, QROW, qmask, X, XR, XS, s0, sr, ss, rows, valid, m_i, l_i, acc, acc_r, qk_scale, d0,
+          ALIGN: tl.constexpr, RALIGN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+          NOPE: tl.constexpr, RD: tl.constexpr, ROPE: tl.constexpr, GS: tl.constexpr, FP8: tl.constexpr,
+          PREC: tl.constexpr, DV: tl.constexpr, GSV: tl.constexpr, QK_GROUPS: tl.constexpr):
     """One block of BLOCK_N keys folded into the online softmax of BLOCK_H heads: logits = q.k + qr.kr, and
-    the value product into the two accumulators acc (dims < NOPE) and acc_r (the RoPE dims)."""
-    k, kr = _load_kv(X, XR, XS, s0, sr, ss, rows, valid, ALIGN, RALIGN, BLOCK_N, BLOCK_M, NOPE, RD, ROPE, GS, FP8,
-                     q.dtype)
-    logits = tl.dot(q, tl.trans(k), input_precision=PREC)
+    the value product into the two accumulators acc (this program's value dims [d0, d0 + DV) of [0, NOPE))
+    and acc_r (the RoPE dims).
+
+    QK_GROUPS: the logits one 64-dim scale group at a time, q's slice reloaded (L1) instead of held, the bare
+    E4M3 values as the operand and the UE8M0 scale applied to the (BLOCK_H, BLOCK_N) product (exact: a power
+    of two), so no dequantised copy of the key feeds QK and q (64 heads x 512 dims) needs no registers.
+    DV < BLOCK_M (value split): only this program's value dims are dequantised for the value product."""
+    dtype = qr.dtype
+    if QK_GROUPS:
+        logits = tl.zeros([QROW.shape[0], BLOCK_N], dtype=tl.float32)
+        dg = tl.arange(0, GS)[None, :]
+        for g in tl.static_range(0, NOPE, GS):
+            qg = tl.load(QROW + g + dg, mask=qmask & (g + dg < NOPE), other=0.0)
+            x = _load_nope(X, XS, s0, ss, rows, valid, g, ALIGN, BLOCK_N, GS, NOPE, GS, FP8, False, dtype)
+            part = tl.dot(qg, tl.trans(x), input_precision=PREC)
+            if FP8:
+                part = part * _group_scale(XS, ss, rows, valid, g)[None, :]
+            logits += part
+        k = x  # unused placeholder (the value operand is loaded below)
+    else:
+        k = _load_nope(X, XS, s0, ss, rows, valid, 0, ALIGN, BLOCK_N, BLOCK_M, NOPE, GS, FP8, True, dtype)
+        logits = tl.dot(q, tl.trans(k), input_precision=PREC)
     if RD > 0:
+        kr = _load_rope(X, XR, s0, sr, rows, valid, ALIGN, RALIGN, NOPE, RD, ROPE, FP8, dtype)
         logits = tl.dot(qr, tl.trans(kr), logits, input_precision=PREC)
     logits = tl.where(valid[None, :], logits * qk_scale, float("-inf"))  # (BH, BN), base 2
     m_new = tl.maximum(m_i, tl.max(logits, 1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(logits - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    p = p.to(k.dtype)
+    p = p.to(dtype)
+    if QK_GROUPS or DV < BLOCK_M:
+        k = _load_nope(X, XS, s0, ss, rows, valid, d0, ALIGN, BLOCK_N, DV, NOPE, GSV, FP8, True, dtype)
     acc = tl.dot(p, k, acc * alpha[:, None], input_precision=PREC)
     if RD > 0:
         acc_r = tl.dot(p, kr, acc_r * alpha[:, None], input_precision=PREC)
@@ -99,25 +139,34 @@ def _partial_kernel(ZERO, Q, sqb, sqh, POS,
                     ROPE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, GS: tl.constexpr,
                     CHUNK: tl.constexpr, W_CHUNK: tl.constexpr, W_FP8: tl.constexpr, C_FP8: tl.constexpr,
                     W_ALIGN: tl.constexpr, W_RALIGN: tl.constexpr, C_ALIGN: tl.constexpr, C_RALIGN: tl.constexpr,
-                    W_RING: tl.constexpr, MODE: tl.constexpr, PREC: tl.constexpr):
+                    W_RING: tl.constexpr, MODE: tl.constexpr, PREC: tl.constexpr, VS: tl.constexpr,
+                    GSV: tl.constexpr, QK_GROUPS: tl.constexpr):
     split = tl.program_id(0)
-    hb = tl.program_id(1)
+    hb = tl.program_id(1) // VS
+    vs = tl.program_id(1) % VS  # value slice: this program's value dims [d0, d0 + DV)
     b = tl.program_id(2)
+    DV: tl.constexpr = BLOCK_M // VS
+    d0 = vs * DV
     pos = tl.load(POS + b)
     h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
     hm = h < H
+    qrow = Q + b * sqb + h[:, None] * sqh  # (BH, 1)
     dm = tl.arange(0, BLOCK_M)
-    q = tl.load(Q + b * sqb + h[:, None] * sqh + dm[None, :], mask=hm[:, None] & (dm < NOPE)[None, :], other=0.0)
-    m_i = tl.full([BLOCK_H], NEG, tl.float32)
-    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_H, BLOCK_M], dtype=tl.float32)
     if RD > 0:
         dr = tl.arange(0, RD)
-        qr = tl.load(Q + b * sqb + h[:, None] * sqh + NOPE + dr[None, :], mask=hm[:, None] & (dr < ROPE)[None, :],
-                     other=0.0)
-        acc_r = tl.zeros([BLOCK_H, RD], dtype=tl.float32)
-    else:  # no RoPE operand: placeholders of fixed type, never used
+        qr = tl.load(qrow + NOPE + dr[None, :], mask=hm[:, None] & (dr < ROPE)[None, :], other=0.0)
+    if QK_GROUPS:  # q is reloaded a scale group at a time in `_step`
+        q = tl.zeros([BLOCK_H, 16], dtype=Q.dtype.element_ty)  # placeholder, never used
+    else:
+        q = tl.load(qrow + dm[None, :], mask=hm[:, None] & (dm < NOPE)[None, :], other=0.0)
+    if RD == 0:  # no RoPE operand: placeholder of fixed type, never used
         qr = q
+    m_i = tl.full([BLOCK_H], NEG, tl.float32)
+    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_H, DV], dtype=tl.float32)
+    if RD > 0:
+        acc_r = tl.zeros([BLOCK_H, RD], dtype=tl.float32)
+    else:
         acc_r = acc
     if split < W_SPLITS:  # window: positions lo .. pos, W_CHUNK of them per split
         lo = tl.maximum(pos - window + 1, tl.load(WLO + b))
@@ -132,8 +181,9 @@ def _partial_kernel(ZERO, Q, sqb, sqh, POS,
             else:
                 li = t - pos0
             rows = _row_of(WT, swt, WBS, b, li, valid, ZERO)
-            m_i, l_i, acc, acc_r = _step(q, qr, W, WR, WS, sw0, swr, sws, rows, valid, m_i, l_i, acc, acc_r, qk_scale,
-                                         W_ALIGN, W_RALIGN, BLOCK_N, BLOCK_M, NOPE, RD, ROPE, GS, W_FP8, PREC)
+            m_i, l_i, acc, acc_r = _step(q, qr, qrow, hm[:, None], W, WR, WS, sw0, swr, sws, rows, valid, m_i, l_i,
+                                         acc, acc_r, qk_scale, d0, W_ALIGN, W_RALIGN, BLOCK_N, BLOCK_M, NOPE, RD,
+                                         ROPE, GS, W_FP8, PREC, DV, GSV, QK_GROUPS)
     elif MODE > 0:  # compressed: HCA every finished entry (MODE 1), CSA the top-k list (MODE 2)
         nc = tl.load(NC + b)
         if MODE == 1:
@@ -152,15 +202,20 @@ def _partial_kernel(ZERO, Q, sqb, sqh, POS,
             else:
                 li = j
             rows = _row_of(CT, sct, CBS, b, li, valid, ZERO)
-            m_i, l_i, acc, acc_r = _step(q, qr, C, CR, CS, sc0, scr, scs, rows, valid, m_i, l_i, acc, acc_r, qk_scale,
-                                         C_ALIGN, C_RALIGN, BLOCK_N, BLOCK_M, NOPE, RD, ROPE, GS, C_FP8, PREC)
+            m_i, l_i, acc, acc_r = _step(q, qr, qrow, hm[:, None], C, CR, CS, sc0, scr, scs, rows, valid, m_i, l_i,
+                                         acc, acc_r, qk_scale, d0, C_ALIGN, C_RALIGN, BLOCK_N, BLOCK_M, NOPE, RD,
+                                         ROPE, GS, C_FP8, PREC, DV, GSV, QK_GROUPS)
     base = (b * NSPLIT + split) * H + h  # (BH,) rows of the (B, NSPLIT, H) partial state
     po = PO + base[:, None] * BLOCK_D
-    tl.store(po + dm[None, :], acc, mask=hm[:, None] & (dm < NOPE)[None, :])
+    dv = d0 + tl.arange(0, DV)
+    tl.store(po + dv[None, :], acc, mask=hm[:, None] & (dv < NOPE)[None, :])
+    # Every value slice computed the same logits (same code, same inputs): one of them writes m, l and acc_r.
     if RD > 0:
-        tl.store(po + NOPE + dr[None, :], acc_r, mask=hm[:, None] & (dr < ROPE)[None, :])
-    tl.store(PM + base, m_i, mask=hm)
-    tl.store(PL + base, l_i, mask=hm)
+        if vs == VS - 1:
+            tl.store(po + NOPE + dr[None, :], acc_r, mask=hm[:, None] & (dr < ROPE)[None, :])
+    if vs == 0:
+        tl.store(PM + base, m_i, mask=hm)
+        tl.store(PL + base, l_i, mask=hm)
 
 
 @triton.jit
@@ -195,12 +250,17 @@ def attend_decode(q: torch.Tensor, positions: torch.Tensor, sink: torch.Tensor, 
                   comp: KVSource | None = None, n_comp: torch.Tensor | None = None, max_comp: int = 0,
                   topk: torch.Tensor | None = None, ratio: int = 1, rope_dim: int = 0, chunk: int | None = None,
                   block_h: int | None = None, block_n: int | None = None, num_warps: int | None = None,
-                  num_stages: int = 2, out: torch.Tensor | None = None) -> torch.Tensor:
+                  num_stages: int = 2, out: torch.Tensor | None = None, value_split: int = 1,
+                  qk_groups: bool = False) -> torch.Tensor:
     """`sparse_attn.attend` for one query per sequence: q (B, 1, H, D), positions (B, 1) int32.
 
     Sources, `win_pos0` / `win_lo` / `win_ring`, `n_comp` / `max_comp` and `topk` (B, 1, k) (CSA; None = HCA)
     mean what they mean there. Tiles: `block_h` heads per program, `block_n` keys per step, `chunk`
-    compressed keys per split (default: enough splits for ~2 programs per SM)."""
+    compressed keys per split (default: enough splits for ~2 programs per SM). `value_split` programs share a
+    head block and split its value dims (each computes the logits, dequantises only its slice for the value
+    product: a (heads x dims / value_split) accumulator, so a 64-head tile fits); `qk_groups` forms the logits
+    per 64-dim scale group from the bare E4M3 values with q reloaded per group (no dequantised key and no q
+    held for QK). The defaults are the kernel as tuned in RESULTS.md "Decode kernels v2"."""
     B, S, H, D = q.shape
     assert S == 1 and q.stride(-1) == 1, "decode path: one query per sequence (use sparse_attn.attend)"
     BLOCK_D = _pow2(D)
@@ -216,7 +276,8 @@ def attend_decode(q: torch.Tensor, positions: torch.Tensor, sink: torch.Tensor, 
     RD = max(16, _pow2(D - nope)) if D > nope else 0
     GS = min(64, BLOCK_M)  # dims per scale load (the FP8 scale block is 64)
     n_keys = 0 if mode == 0 else (topk.shape[-1] if mode == 2 else max_comp)
-    programs_per_split = B * triton.cdiv(H, BLOCK_H)
+    assert value_split >= 1 and BLOCK_M % value_split == 0, "value_split: a power of two dividing the E4M3 dims"
+    programs_per_split = B * triton.cdiv(H, BLOCK_H) * value_split
     if chunk is None:  # in the CPU interpreter programs run one after another: splitting only adds work
         want = max(1, triton.cdiv(2 * _num_sms(q.device), programs_per_split)) if q.is_cuda else 1
         chunk = triton.cdiv(max(n_keys, 1), want)
@@ -238,7 +299,8 @@ def attend_decode(q: torch.Tensor, positions: torch.Tensor, sink: torch.Tensor, 
         BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, NOPE=nope, RD=RD, ROPE=D - nope, BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N, GS=GS,
         CHUNK=chunk, W_CHUNK=w_chunk, W_FP8=win.fp8, C_FP8=comp.fp8, W_ALIGN=aligns[0][0], W_RALIGN=aligns[0][1],
         C_ALIGN=aligns[1][0], C_RALIGN=aligns[1][1], W_RING=win_ring, MODE=mode,
-        PREC="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps, num_stages=num_stages)
+        PREC="ieee" if q.dtype == torch.float32 else "tf32", VS=value_split, GSV=min(GS, BLOCK_M // value_split),
+        QK_GROUPS=qk_groups, num_warps=num_warps, num_stages=num_stages)
     BLOCK_S = _pow2(n_split)
     # One head per merge program on the GPU (parallelism), all heads in the interpreter (fewer programs).
     BLOCK_HM = 1 if q.is_cuda else _pow2(H)
