@@ -114,3 +114,74 @@ def test_decode_variant_paged_ragged_batch(variant):
                                       ent[None] if r else None, topk[i:i + 1].cpu() if topk is not None else None,
                                       max(r, 1), sink.cpu(), D ** -0.5, W)
             assert rel_err(out[i:i + 1].cpu(), ref) < TOL, (layer, i)
+
+
+def _shuffled_fp8_source(x: torch.Tensor, rope_dim: int, block_size: int, gen):
+    """(B, N, D) -> (KVSource of FP8 records behind a shuffled block table of `block_size` rows, what the kernel
+    must see: dequantised)."""
+    B, N, D = x.shape
+    n_blocks = -(-N // block_size)
+    padded = torch.zeros(B, n_blocks * block_size, D)
+    padded[:, :N] = x
+    table = torch.randperm(B * n_blocks, generator=gen).int().view(B, n_blocks)
+    rows = (table[..., None].long() * block_size + torch.arange(block_size)).view(B, -1)
+    pool = torch.empty(B * n_blocks * block_size, D)
+    pool[rows.flatten()] = padded.view(-1, D)
+    nope, rope, scale = fp8_kv.views(fp8_kv.pack(*fp8_kv.quantize(pool, rope_dim)).to(DEVICE), D, rope_dim)
+    src = da.KVSource(main=nope, rope=rope, scale=scale, table=table.to(DEVICE), block_size=block_size)
+    return src, fp8_kv.fake_quantize(x.float(), rope_dim).to(DTYPE)
+
+
+@pytest.mark.parametrize("variant", [{}, dict(value_split=2, qk_groups=True)])
+def test_hca_contiguous_blocks_ragged_batch(variant):
+    """HCA with one block-table entry per key block (`contiguous_blocks`), shuffled 32-row pool blocks, rows that
+    see 70 / 45 / 3 of their entries (lengths not multiples of the block): vs the reference per row."""
+    gen = torch.Generator().manual_seed(4)
+    B, H, D, rope, N, W, L, ratio = 3, 4, 160, 32, 70, 8, 8, 2
+    comp, comp_ref = _shuffled_fp8_source(torch.randn(B, N, D, generator=gen), rope, 32, gen)
+    win, win_ref = _fp8_source(torch.randn(B, L, D, generator=gen), rope)
+    q = torch.randn(B, 1, H, D, generator=gen).to(DTYPE)
+    sink = torch.randn(H, generator=gen)
+    visible = [70, 45, 3]
+    pos = torch.tensor([[ratio * v] for v in visible], dtype=torch.int32)  # (pos + 1) // ratio = v visible
+    pos0 = (pos[:, 0] - (L - 1)).contiguous()
+    n_comp = torch.full((B,), N, dtype=torch.int32)
+    out = da.attend_decode(q.to(DEVICE), pos.to(DEVICE), sink.to(DEVICE), D ** -0.5, W, win, pos0.to(DEVICE),
+                           pos0.to(DEVICE), comp=comp, n_comp=n_comp.to(DEVICE), max_comp=N, ratio=ratio,
+                           rope_dim=rope, chunk=32, block_n=16, contiguous_blocks=True, **variant)
+    for i, v in enumerate(visible):
+        ref = attention_reference(q[i:i + 1], win_ref[i:i + 1], pos[i, :1].long(), comp_ref[i:i + 1, :v], None,
+                                  ratio, sink, D ** -0.5, W)
+        assert rel_err(out[i:i + 1].cpu(), ref) < TOL, i
+    with pytest.raises(ValueError, match="must divide"):
+        da.attend_decode(q.to(DEVICE), pos.to(DEVICE), sink.to(DEVICE), D ** -0.5, W, win, pos0.to(DEVICE),
+                         pos0.to(DEVICE), comp=comp, n_comp=n_comp.to(DEVICE), max_comp=N, ratio=ratio,
+                         rope_dim=rope, block_n=64, contiguous_blocks=True)
+
+
+@pytest.mark.parametrize("tile", [16, 32])
+def test_indexer_contiguous_blocks_paged_fp8(tile):
+    """The score kernel reading a key block through one block-table entry: FP8 keys with power-of-two per-key
+    scales (exact scores) in shuffled 16-key pool blocks, integer values (many ties: the stable-sort rule),
+    ragged visibility (48, 30 and 5 of 48 entries; k = 12 > 5), the same indices as the reference."""
+    gen = torch.Generator().manual_seed(9)
+    B, Hi, Di, N, bs, k = 3, 4, 16, 48, 16, 12
+    vals = torch.randint(-3, 4, (B, N, Di), generator=gen).float()
+    scale = torch.exp2(torch.randint(-2, 3, (B, N), generator=gen).float())
+    blocks = torch.randperm(B * N // bs, generator=gen).int().view(B, N // bs)
+    rows = (blocks[..., None].long() * bs + torch.arange(bs)).view(B, N)
+    main = torch.empty(B * N, Di, dtype=torch.float8_e4m3fn)
+    kscale = torch.empty(B * N)
+    main[rows.flatten()] = vals.view(-1, Di).to(torch.float8_e4m3fn)
+    kscale[rows.flatten()] = scale.flatten()
+    q, w = torch.randint(-2, 3, (B, Hi, Di), generator=gen).float(), torch.randint(-2, 3, (B, Hi), generator=gen).float()
+    pos = torch.tensor([4 * N + 3, 4 * 30 + 1, 4 * 5])
+    lengths = torch.full((B,), N)
+    ref = ixd.reference(q, w, vals * scale[..., None], pos, 4, k, lengths)
+    src = ixd.KeySource(main=main.to(DEVICE), table=blocks.to(DEVICE), block_size=bs, scale=kscale.to(DEVICE))
+    out = ixd.indexer_topk_decode(q.to(DEVICE), w.to(DEVICE), src, pos.int().to(DEVICE), lengths.int().to(DEVICE), 4,
+                                  k, N, tile=tile, block_n=16, contiguous_blocks=True)
+    assert torch.equal(out.cpu(), ref)
+    with pytest.raises(ValueError, match="must divide"):
+        ixd.indexer_topk_decode(q.to(DEVICE), w.to(DEVICE), src, pos.int().to(DEVICE), lengths.int().to(DEVICE), 4,
+                                k, N, block_n=32, contiguous_blocks=True)

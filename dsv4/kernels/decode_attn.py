@@ -33,6 +33,15 @@ NEG = tl.constexpr(-1e30)  # "no key yet": finite, so exp2(NEG - m) is 0 without
 
 
 @triton.jit
+def _block_rows(T, st, BS, b, j0, BLOCK_N: tl.constexpr, ZERO):
+    """Pool rows of entries j0 .. j0 + BLOCK_N - 1 of sequence b when they lie in one pool block (j0 a multiple
+    of BLOCK_N, BLOCK_N dividing the block size): one table load for the block instead of a gather and an
+    integer division per key. ZERO as in `_row_of` (the true alignment is stated by the caller)."""
+    blk = tl.load(T + b * st + j0 // BS)
+    return blk.to(tl.int64) * BS + j0 % BS + tl.arange(0, BLOCK_N) + ZERO
+
+
+@triton.jit
 def _load_nope(X, XS, s0, ss, rows, valid, D0, ALIGN: tl.constexpr, BLOCK_N: tl.constexpr, WIDTH: tl.constexpr,
                NOPE: tl.constexpr, GS: tl.constexpr, FP8: tl.constexpr, SCALED: tl.constexpr, dtype: tl.constexpr):
     """`rows` -> dims [D0, D0 + WIDTH) of the first operand, (BLOCK_N, WIDTH) in `dtype`, zero past NOPE and on
@@ -140,7 +149,7 @@ def _partial_kernel(ZERO, Q, sqb, sqh, POS,
                     CHUNK: tl.constexpr, W_CHUNK: tl.constexpr, W_FP8: tl.constexpr, C_FP8: tl.constexpr,
                     W_ALIGN: tl.constexpr, W_RALIGN: tl.constexpr, C_ALIGN: tl.constexpr, C_RALIGN: tl.constexpr,
                     W_RING: tl.constexpr, MODE: tl.constexpr, PREC: tl.constexpr, VS: tl.constexpr,
-                    GSV: tl.constexpr, QK_GROUPS: tl.constexpr):
+                    GSV: tl.constexpr, QK_GROUPS: tl.constexpr, CONTIG: tl.constexpr):
     split = tl.program_id(0)
     hb = tl.program_id(1) // VS
     vs = tl.program_id(1) % VS  # value slice: this program's value dims [d0, d0 + DV)
@@ -199,9 +208,11 @@ def _partial_kernel(ZERO, Q, sqb, sqh, POS,
                 li = tl.load(TOPK + b * stb + j, mask=valid, other=-1).to(tl.int32)
                 valid = valid & (li >= 0) & (li < nc)
                 li = tl.maximum(li, 0)
+                rows = _row_of(CT, sct, CBS, b, li, valid, ZERO)
+            elif CONTIG:  # HCA reads entries in order: a key block is one pool block's slice
+                rows = _block_rows(CT, sct, CBS, b, j0, BLOCK_N, ZERO)
             else:
-                li = j
-            rows = _row_of(CT, sct, CBS, b, li, valid, ZERO)
+                rows = _row_of(CT, sct, CBS, b, j, valid, ZERO)
             m_i, l_i, acc, acc_r = _step(q, qr, qrow, hm[:, None], C, CR, CS, sc0, scr, scs, rows, valid, m_i, l_i,
                                          acc, acc_r, qk_scale, d0, C_ALIGN, C_RALIGN, BLOCK_N, BLOCK_M, NOPE, RD,
                                          ROPE, GS, C_FP8, PREC, DV, GSV, QK_GROUPS)
@@ -251,7 +262,7 @@ def attend_decode(q: torch.Tensor, positions: torch.Tensor, sink: torch.Tensor, 
                   topk: torch.Tensor | None = None, ratio: int = 1, rope_dim: int = 0, chunk: int | None = None,
                   block_h: int | None = None, block_n: int | None = None, num_warps: int | None = None,
                   num_stages: int = 2, out: torch.Tensor | None = None, value_split: int = 1,
-                  qk_groups: bool = False) -> torch.Tensor:
+                  qk_groups: bool = False, contiguous_blocks: bool = False) -> torch.Tensor:
     """`sparse_attn.attend` for one query per sequence: q (B, 1, H, D), positions (B, 1) int32.
 
     Sources, `win_pos0` / `win_lo` / `win_ring`, `n_comp` / `max_comp` and `topk` (B, 1, k) (CSA; None = HCA)
@@ -260,7 +271,8 @@ def attend_decode(q: torch.Tensor, positions: torch.Tensor, sink: torch.Tensor, 
     head block and split its value dims (each computes the logits, dequantises only its slice for the value
     product: a (heads x dims / value_split) accumulator, so a 64-head tile fits); `qk_groups` forms the logits
     per 64-dim scale group from the bare E4M3 values with q reloaded per group (no dequantised key and no q
-    held for QK). The defaults are the kernel as tuned in RESULTS.md "Decode kernels v2"."""
+    held for QK); `contiguous_blocks` (HCA) looks up one block-table entry per key block (needs `block_n`
+    to divide the pool's block size). The defaults are the kernel as tuned in RESULTS.md "Decode kernels v2"."""
     B, S, H, D = q.shape
     assert S == 1 and q.stride(-1) == 1, "decode path: one query per sequence (use sparse_attn.attend)"
     BLOCK_D = _pow2(D)
@@ -282,6 +294,8 @@ def attend_decode(q: torch.Tensor, positions: torch.Tensor, sink: torch.Tensor, 
         want = max(1, triton.cdiv(2 * _num_sms(q.device), programs_per_split)) if q.is_cuda else 1
         chunk = triton.cdiv(max(n_keys, 1), want)
     chunk = triton.cdiv(max(chunk, BLOCK_N), BLOCK_N) * BLOCK_N
+    if contiguous_blocks and mode == 1 and comp.block_size % BLOCK_N:
+        raise ValueError(f"contiguous_blocks: block_n={BLOCK_N} must divide the pool block size {comp.block_size}")
     w_chunk = min(chunk, triton.cdiv(min(window, 64), BLOCK_N) * BLOCK_N)
     w_splits = triton.cdiv(window, w_chunk)
     n_split = w_splits + triton.cdiv(n_keys, chunk)
@@ -300,7 +314,7 @@ def attend_decode(q: torch.Tensor, positions: torch.Tensor, sink: torch.Tensor, 
         CHUNK=chunk, W_CHUNK=w_chunk, W_FP8=win.fp8, C_FP8=comp.fp8, W_ALIGN=aligns[0][0], W_RALIGN=aligns[0][1],
         C_ALIGN=aligns[1][0], C_RALIGN=aligns[1][1], W_RING=win_ring, MODE=mode,
         PREC="ieee" if q.dtype == torch.float32 else "tf32", VS=value_split, GSV=min(GS, BLOCK_M // value_split),
-        QK_GROUPS=qk_groups, num_warps=num_warps, num_stages=num_stages)
+        QK_GROUPS=qk_groups, CONTIG=contiguous_blocks and mode == 1, num_warps=num_warps, num_stages=num_stages)
     BLOCK_S = _pow2(n_split)
     # One head per merge program on the GPU (parallelism), all heads in the interpreter (fewer programs).
     BLOCK_HM = 1 if q.is_cuda else _pow2(H)

@@ -31,6 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .decode_attn import _block_rows
 from .sparse_attn import _align, _num_sms, _row_of
 
 INT32_MIN = tl.constexpr(-(1 << 31))
@@ -104,7 +105,7 @@ def _rank_in(mine, X, n, CB: tl.constexpr):
 def _score_kernel(ZERO, Q, sqb, sqh, W, swb, K, sk0, KS, sks, T, st, BS, LEN, POS, ratio, SC, ssc, MX, smx, CNT,
                   score_scale, HI, DI: tl.constexpr, BLOCK_HI: tl.constexpr, BLOCK_DI: tl.constexpr,
                   BLOCK_N: tl.constexpr, TILE: tl.constexpr, G: tl.constexpr, KALIGN: tl.constexpr,
-                  KSCALE: tl.constexpr, PREC: tl.constexpr):
+                  KSCALE: tl.constexpr, PREC: tl.constexpr, CONTIG: tl.constexpr):
     tile = tl.program_id(0)
     b = tl.program_id(1)
     if tile == 0:
@@ -120,7 +121,10 @@ def _score_kernel(ZERO, Q, sqb, sqh, W, swb, K, sk0, KS, sks, T, st, BS, LEN, PO
     for j0 in range(start, end, BLOCK_N):
         j = j0 + tl.arange(0, BLOCK_N)
         valid = j < end
-        rows = _row_of(T, st, BS, b, j, valid, ZERO)
+        if CONTIG:
+            rows = _block_rows(T, st, BS, b, j0, BLOCK_N, ZERO)
+        else:
+            rows = _row_of(T, st, BS, b, j, valid, ZERO)
         ro = tl.multiple_of(rows * sk0, KALIGN)
         k = tl.load(K + ro[:, None] + d[None, :], mask=valid[:, None] & (d < DI)[None, :], other=0.0)
         s = tl.maximum(tl.dot(k.to(q.dtype), qt, input_precision=PREC), 0.0)  # (BN, BHI) ReLU(q_h . K_s)
@@ -255,7 +259,7 @@ def indexer_topk_decode(q: torch.Tensor, head_w: torch.Tensor, keys: KeySource, 
                         lengths: torch.Tensor, ratio: int, k: int, max_len: int, tile: int | None = None,
                         block_n: int = 128, group: int | None = None, cap: int = 1 << 14, num_warps: int = 4,
                         num_stages: int = 2, bits: int = 8, rounds: int = 2, rank_rows: int = 16, rank_cols: int = 256,
-                        ws: torch.Tensor | None = None) -> torch.Tensor:
+                        ws: torch.Tensor | None = None, contiguous_blocks: bool = False) -> torch.Tensor:
     """q (B, Hi, Di) (or (B, 1, Hi, Di)), head_w (B, Hi) fp32 (already x Hi^-1/2), positions / lengths (B,) int32,
     `max_len` >= every length (host-side bound) -> (B, min(k, max_len)) int64 indices, best first.
 
@@ -263,7 +267,8 @@ def indexer_topk_decode(q: torch.Tensor, head_w: torch.Tensor, keys: KeySource, 
     on random scores); `rounds` digits of `bits` bits of the candidate bound are exact (bits x rounds = 32:
     all; 16: a bound up to 2^-7 lower, a few more candidates, half the dependent steps); `cap` candidates per
     row are ranked (`rank_rows` x `rank_cols` compares a step), more take the exact fallback; `ws` is a
-    `workspace(B)` kept across steps (else a new one per call)."""
+    `workspace(B)` kept across steps (else a new one per call); `contiguous_blocks`: one block-table entry per
+    `block_n` keys (needs `block_n` to divide `keys.block_size`) instead of a gather and a division per key."""
     q = q.reshape(q.shape[0], q.shape[-2], q.shape[-1])
     B, Hi, Di = q.shape
     assert q.stride(-1) == 1
@@ -277,6 +282,8 @@ def indexer_topk_decode(q: torch.Tensor, head_w: torch.Tensor, keys: KeySource, 
     if tile is None:  # about two programs per SM
         tile = triton.cdiv(triton.cdiv(max_len * B, 2 * _num_sms(q.device)), block_n) * block_n
     tile = min(max(triton.cdiv(tile, block_n) * block_n, block_n), 8192)
+    if contiguous_blocks and keys.block_size % block_n:
+        raise ValueError(f"contiguous_blocks: block_n={block_n} must divide the key pool's block size {keys.block_size}")
     cap = max(cap, kout)
     sort = max(16, triton.next_power_of_2(kout))
     grid = (triton.cdiv(max_len, tile), B)
@@ -294,8 +301,8 @@ def indexer_topk_decode(q: torch.Tensor, head_w: torch.Tensor, keys: KeySource, 
                         positions, ratio, sc, sc.stride(0), mx, mx.stride(0), cnt, Di ** -0.5, Hi, DI=Di,
                         BLOCK_HI=max(16, triton.next_power_of_2(Hi)), BLOCK_DI=max(16, triton.next_power_of_2(Di)),
                         BLOCK_N=block_n, TILE=tile, G=G, KALIGN=_align(main), KSCALE=keys.scale is not None,
-                        PREC="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps,
-                        num_stages=num_stages)
+                        PREC="ieee" if q.dtype == torch.float32 else "tf32", CONTIG=contiguous_blocks,
+                        num_warps=num_warps, num_stages=num_stages)
     _collect_kernel[grid](sc, sc.stride(0), mx, mx.stride(0), lengths, positions, ratio, cand, cnt, cap, k, G=G,
                           TILE=tile, BLOCK=min(tile, 1024), MB=max(16, min(2048, triton.next_power_of_2(n_groups))),
                           BITS=bits, ROUNDS=rounds, num_warps=4)
