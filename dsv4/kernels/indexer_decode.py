@@ -283,7 +283,8 @@ def indexer_topk_decode(q: torch.Tensor, head_w: torch.Tensor, keys: KeySource, 
         tile = triton.cdiv(triton.cdiv(max_len * B, 2 * _num_sms(q.device)), block_n) * block_n
     tile = min(max(triton.cdiv(tile, block_n) * block_n, block_n), 8192)
     if contiguous_blocks and keys.block_size % block_n:
-        raise ValueError(f"contiguous_blocks: block_n={block_n} must divide the key pool's block size {keys.block_size}")
+        raise ValueError(f"contiguous_blocks: block_n={block_n} must divide the key pool's block size "
+                         f"{keys.block_size}")
     cap = max(cap, kout)
     sort = max(16, triton.next_power_of_2(kout))
     grid = (triton.cdiv(max_len, tile), B)

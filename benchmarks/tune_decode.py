@@ -1,0 +1,110 @@
+"""Decode-kernel variants at long context (Flash dims, FP8 paged records): today's defaults and every selectable
+variant of `decode_attn.attend_decode` (HCA, CSA) and `indexer_decode.indexer_topk_decode`, each timed as CUDA-graph
+replays (`timing.bench_graph`) and checked against the defaults' output of the same inputs. One JSON line per case:
+  {"op": "hca" | "csa" | "indexer", "ctx", "batch", "variant", "kwargs", "us", "speedup" (vs "default"),
+   "rel_err" (attention, vs default) | "same_indices" (indexer, exact), or "error" when a variant does not build}.
+The default runs first in each group, so its line carries the baseline of the lines below it.
+Usage (repo root, PYTHONPATH=$PWD):
+  python benchmarks/tune_decode.py [--ctx 1M,128K] [--batch 1,8] [--ops hca,csa,indexer]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from attention import attn_fn, decode_inputs, indexer_fn  # noqa: E402 (benchmarks/ is the script's folder)
+from timing import bench_graph  # noqa: E402
+
+from dsv4.analysis import parse_context  # noqa: E402
+
+# Variants (kwargs on top of the defaults). RESULTS.md "Decode kernels v2": the 16-head x 32-key tile is
+# the best of the old sweep; 64-head tiles lost to register pressure (full 512-dim accumulators), which
+# value_split removes (a (64, 512 / vs) accumulator); qk_groups keeps neither q nor a dequantised key for QK.
+ATTN_VARIANTS = {
+    "default": {},
+    "contiguous_blocks": dict(contiguous_blocks=True),
+    "more_splits_chunk64": dict(chunk=64),
+    "more_splits_chunk32": dict(chunk=32),
+    "qk_groups": dict(qk_groups=True),
+    "vs2": dict(value_split=2),
+    "vs2_qk_groups": dict(value_split=2, qk_groups=True),
+    "h32_vs2_qk_groups": dict(block_h=32, value_split=2, qk_groups=True),
+    "h64_vs4_qk_groups": dict(block_h=64, value_split=4, qk_groups=True),
+    "h64_vs4_qk_groups_8warps": dict(block_h=64, value_split=4, qk_groups=True, num_warps=8),
+    "h64_vs8_qk_groups": dict(block_h=64, value_split=8, qk_groups=True),
+    "h64_vs4": dict(block_h=64, value_split=4),
+    "h64_vs4_qk_groups_chunk64": dict(block_h=64, value_split=4, qk_groups=True, chunk=64),
+    "h64_vs4_qk_groups_bn16": dict(block_h=64, value_split=4, qk_groups=True, block_n=16),
+}
+CSA_SKIP = {"contiguous_blocks", "more_splits_chunk64", "more_splits_chunk32", "h64_vs4_qk_groups_chunk64"}
+INDEXER_VARIANTS = {  # the key pool's blocks are 64 keys: contiguous_blocks needs block_n <= 64
+    "default": {},
+    "bn64": dict(block_n=64),
+    "bn64_contiguous": dict(block_n=64, contiguous_blocks=True),
+    "tile512": dict(tile=512),
+    "tile256": dict(tile=256),
+    "bn64_tile512_contiguous": dict(block_n=64, tile=512, contiguous_blocks=True),
+    "bn64_tile256_contiguous": dict(block_n=64, tile=256, contiguous_blocks=True),
+    "bn64_stages3_contiguous": dict(block_n=64, num_stages=3, contiguous_blocks=True),
+}
+
+
+def emit(**rec):
+    print(json.dumps(rec), flush=True)
+
+
+def run_group(op, ctx, batch, variants, make_fn, compare):
+    """Time each variant's step; compare(out, base_out) -> a dict of agreement fields."""
+    base = base_us = None
+    for name, kw in variants.items():
+        rec = dict(op=op, ctx=ctx, batch=batch, variant=name, kwargs=kw)
+        try:
+            fn = make_fn(kw)
+            out = fn().clone()
+            us = bench_graph(fn) * 1e3
+        except Exception as e:  # a variant that does not build (e.g. out of shared memory) is a result too
+            emit(**rec, error=f"{type(e).__name__}: {str(e)[:200]}")
+            continue
+        if base is None:
+            base, base_us = out, us
+        emit(**rec, us=round(us, 2), speedup=round(base_us / us, 3), **compare(out, base))
+
+
+def attn_agreement(out, base):
+    return dict(rel_err=((out.float() - base.float()).norm() / base.float().norm()).item())
+
+
+def index_agreement(out, base):
+    return dict(same_indices=bool(torch.equal(out, base)))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ctx", default="1M,128K")
+    ap.add_argument("--batch", default="1,8")
+    ap.add_argument("--ops", default="hca,csa,indexer")
+    args = ap.parse_args()
+    ops = args.ops.split(",")
+    for ctx in (parse_context(c) for c in args.ctx.split(",")):
+        for batch in (int(b) for b in args.batch.split(",")):
+            x = decode_inputs(ctx, batch)
+            if "hca" in ops:
+                run_group("hca", ctx, batch, ATTN_VARIANTS, lambda kw: attn_fn(x, ctx, 128, **kw), attn_agreement)
+            if "csa" in ops:
+                csa = {k: v for k, v in ATTN_VARIANTS.items() if k not in CSA_SKIP}
+                run_group("csa", ctx, batch, csa, lambda kw: attn_fn(x, ctx, 4, **kw), attn_agreement)
+            if "indexer" in ops:
+                run_group("indexer", ctx, batch, INDEXER_VARIANTS, lambda kw: indexer_fn(x, ctx, **kw),
+                          index_agreement)
+            del x
+            torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
