@@ -305,8 +305,9 @@ def indexer_topk_decode(q: torch.Tensor, head_w: torch.Tensor, keys: KeySource, 
                         PREC="ieee" if q.dtype == torch.float32 else "tf32", CONTIG=contiguous_blocks,
                         num_warps=num_warps, num_stages=num_stages)
     _collect_kernel[grid](sc, sc.stride(0), mx, mx.stride(0), lengths, positions, ratio, cand, cnt, cap, k, G=G,
-                          TILE=tile, BLOCK=min(tile, 1024), MB=max(16, min(2048, triton.next_power_of_2(n_groups))),
-                          BITS=bits, ROUNDS=rounds, num_warps=4)
+                          TILE=tile, BLOCK=min(triton.next_power_of_2(tile), 1024),  # masked by the tile's end
+                          MB=max(16, min(2048, triton.next_power_of_2(n_groups))), BITS=bits, ROUNDS=rounds,
+                          num_warps=4)
     _rank_kernel[(triton.cdiv(min(cap, max_len), rank_rows), B)](
         sc, sc.stride(0), lengths, positions, ratio, cand, cnt, surv, out, out.stride(0), k, kout, cap,
         RB=rank_rows, CB=rank_cols, SORT=sort, BLOCK=1024, num_warps=4)
