@@ -13,7 +13,8 @@ from torch import nn
 
 from dsv4.optim import (CombinedOptimizer, HYBRID_NS_COEFFICIENTS, Muon, build_optimizer, describe_groups,
                         hybrid_newton_schulz, split_param_groups)
-from dsv4.optim.muon import gather_full, shard_like
+from dsv4.optim import muon as muon_module
+from dsv4.optim.muon import _runs, gather_full, shard_like
 
 
 def with_spectrum(shape, smin, seed=0):
@@ -55,6 +56,17 @@ def test_ns_singular_values_bf16_and_gaussian(kind):
     assert O.dtype == torch.bfloat16
     s = torch.linalg.svdvals(O.double())
     assert s.min() > 0.99 and s.max() < 1.01, (s.min().item(), s.max().item())
+
+
+def test_ns_iteration_is_the_textbook_polynomial():
+    # the step runs X <- a X + (b A + c A^2) X, A = X X^T, as fused baddbmm calls; spelled out plainly here
+    for shape in ((40, 24), (24, 40), (2, 16, 24)):
+        G = torch.randn(shape, generator=torch.Generator().manual_seed(6))
+        X = G / G.norm(dim=(-2, -1), keepdim=True)
+        for a, b, c in HYBRID_NS_COEFFICIENTS:
+            A = X @ X.mT
+            X = a * X + (b * A + c * A @ A) @ X
+        torch.testing.assert_close(hybrid_newton_schulz(G), X, atol=1e-5, rtol=0)
 
 
 def test_ns_coefficients_and_zero_input():
@@ -103,6 +115,81 @@ def test_update_is_scaled_ns_of_nesterov_momentum():
     for nesterov, U in ((True, g2 + mu * (mu * g1 + g2)), (False, mu * g1 + g2)):
         expected = params[nesterov][0] - lr * scale * hybrid_newton_schulz(U)
         torch.testing.assert_close(params[nesterov][1], expected, atol=1e-6, rtol=1e-5)
+
+
+def reference_step(params, buffers, lr, mu, nesterov, wd, update_rms=0.18):
+    """The update of dsv4/optim/muon.py's docstring, one parameter and one [m, n] matrix at a time:
+    the spelling the batched `Muon.step` replaced. `buffers` (a list like `params`) holds the momenta."""
+    for i, p in enumerate(params):
+        if p.grad is None:
+            continue
+        m, n = p.shape[-2:]
+        if buffers[i] is None:
+            buffers[i] = torch.zeros_like(p)
+        B = buffers[i].mul_(mu).add_(p.grad)
+        U = p.grad + mu * B if nesterov else B
+        O = torch.stack([hybrid_newton_schulz(u) for u in U.reshape(-1, m, n)]).reshape(p.shape)
+        p.data.mul_(1 - lr * wd).add_(O * (update_rms * math.sqrt(max(m, n))), alpha=-lr)
+
+
+# two same-shape matrices and a 3-D stack that joins them, a tall and a wide one, a 3-D stack of its own
+# shape, and a same-shape matrix that gets no gradient
+MIXED_SHAPES = [(24, 40), (24, 40), (48, 16), (16, 48), (3, 24, 40), (2, 8, 12), (24, 40)]
+NO_GRAD = 6
+
+
+def mixed_params(seed):
+    g = torch.Generator().manual_seed(seed)
+    return [nn.Parameter(torch.randn(s, generator=g)) for s in MIXED_SHAPES]
+
+
+def set_mixed_grads(params, seed):
+    g = torch.Generator().manual_seed(seed)
+    for i, p in enumerate(params):
+        p.grad = None if i == NO_GRAD else torch.randn(p.shape, generator=g)
+
+
+# 4 KiB stacks hold 1 matrix of 24 x 40 fp32 and 2 of 16 x 48: runs then split the 3-D stack and part
+# the two same-shape matrices, which checks the cut and the write-back through (E, m, n) views.
+@pytest.mark.parametrize("max_stack_bytes", [1 << 30, 4096])
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_batched_step_equals_per_parameter_reference(nesterov, max_stack_bytes):
+    lr, mu, wd = 0.05, 0.9, 0.1
+    batched, ref = mixed_params(7), mixed_params(7)
+    opt = Muon(batched, lr=lr, momentum=mu, nesterov=nesterov, weight_decay=wd, max_stack_bytes=max_stack_bytes)
+    buffers = [None] * len(ref)
+    for step in range(3):
+        set_mixed_grads(batched, step)
+        set_mixed_grads(ref, step)
+        opt.step()
+        reference_step(ref, buffers, lr, mu, nesterov, wd)
+    for i, (p, r) in enumerate(zip(batched, ref)):
+        torch.testing.assert_close(p.detach(), r.detach(), atol=1e-6, rtol=1e-6, msg=f"parameter {i}")
+        if i == NO_GRAD:
+            assert p not in opt.state
+        else:
+            torch.testing.assert_close(opt.state[p]["momentum_buffer"], buffers[i], atol=1e-6, rtol=1e-6)
+    # the saved state keeps its format (one momentum buffer per parameter, the same group keys), so
+    # checkpoints written by the per-parameter step resume
+    sd = opt.state_dict()
+    assert set(sd["param_groups"][0]) == {"lr", "momentum", "nesterov", "weight_decay", "update_rms",
+                                          "ns_coefficients", "eps", "params"}
+    assert all(set(s) == {"momentum_buffer"} for s in sd["state"].values())
+
+
+def test_one_newton_schulz_call_per_matrix_shape(monkeypatch):
+    calls = []
+    ns = muon_module.hybrid_newton_schulz
+    monkeypatch.setattr(muon_module, "hybrid_newton_schulz", lambda U, *a: calls.append(tuple(U.shape)) or ns(U, *a))
+    params = mixed_params(8)
+    set_mixed_grads(params, 0)
+    Muon(params).step()
+    assert sorted(calls) == [(1, 16, 48), (1, 48, 16), (2, 8, 12), (5, 24, 40)]
+
+
+def test_runs_cut_matrices_into_bounded_stacks():
+    assert list(_runs([2, 0, 5, 1], 3)) == [[(0, 0, 2), (2, 0, 1)], [(2, 1, 4)], [(2, 4, 5), (3, 0, 1)]]
+    assert list(_runs([], 3)) == [] and list(_runs([0], 3)) == []
 
 
 def test_decoupled_weight_decay_with_zero_grad():
@@ -239,7 +326,7 @@ ADAMW_NO_DECAY_ENDINGS = ("norm.weight", "attn_sink", ".ape", "hc_attn_base", "h
                           "hc_ffn_scale", "hc_head_base", "hc_head_scale")
 MUON_ENDINGS = ("wq_a.weight", "wq_b.weight", "wkv.weight", "wo_a.weight", "wo_b.weight", "wgate.weight",
                 "weights_proj.weight", "gate.weight", "w1.weight", "w2.weight", "w3.weight", "ffn.w1", "ffn.w2",
-                "ffn.w3", "_fn", "e_proj.weight", "h_proj.weight")
+                "ffn.w3", "experts.w1", "experts.w2", "experts.w3", "_fn", "e_proj.weight", "h_proj.weight")
 
 
 def check_grouping(model):
@@ -395,15 +482,39 @@ def test_dtensor_matches_plain_tensor(one_rank_mesh, shape, shard_dim):
     assert torch.equal(gather_full(shard_like(full, sharded)), full)
 
 
+def test_dtensor_batches_and_gathers_in_one_step(one_rank_mesh):
+    # one optimizer over: a Shard(0) expert stack and a Replicate matrix (local matrices, batched with
+    # the plain matrix of their shape), a Shard(0) matrix (rows split: gathered, stepped alone), a plain one
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    shapes = [(3, 16, 24), (16, 24), (16, 24), (16, 24)]
+    placements = [[Shard(0)], [Replicate()], [Shard(0)], None]
+    g = torch.Generator().manual_seed(9)
+    w0 = [torch.randn(s, generator=g) for s in shapes]
+    dist_params = [nn.Parameter(w if pl is None else distribute_tensor(w.clone(), one_rank_mesh, pl))
+                   for w, pl in zip(w0, placements)]
+    ref = [nn.Parameter(w.clone()) for w in w0]
+    opt, buffers = Muon(dist_params, lr=0.1), [None] * len(ref)
+    for _ in range(2):
+        grads = [torch.randn(s, generator=g) for s in shapes]
+        for p, r, grad, pl in zip(dist_params, ref, grads, placements):
+            p.grad = grad.clone() if pl is None else distribute_tensor(grad.clone(), one_rank_mesh, pl)
+            r.grad = grad
+        opt.step()
+        reference_step(ref, buffers, lr=0.1, mu=0.95, nesterov=True, wd=0.1)
+    for p, r, pl in zip(dist_params, ref, placements):
+        assert pl is None or p.placements == tuple(pl)
+        torch.testing.assert_close(p.full_tensor() if pl else p.detach(), r.detach(), atol=1e-6, rtol=1e-6)
+
+
 def _two_rank_worker(rank, store_path, result_path):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
     dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=2)
     try:
         mesh = init_device_mesh("cpu", (2,))
-        # uneven shards on purpose: 25 rows, 41 cols, 3 experts over 2 ranks
+        # uneven shards on purpose: 25 rows, 41 cols, 3 experts over 2 ranks, 1 expert (rank 1 holds none)
         errors = []
-        for shape, dim in (((25, 41), 0), ((25, 41), 1), ((3, 16, 24), 0), ((3, 16, 24), 1)):
+        for shape, dim in (((25, 41), 0), ((25, 41), 1), ((3, 16, 24), 0), ((3, 16, 24), 1), ((1, 16, 24), 0)):
             g = torch.Generator().manual_seed(5)  # same data on both ranks
             w0, grads = torch.randn(shape, generator=g), [torch.randn(shape, generator=g) for _ in range(2)]
             plain, sharded = nn.Parameter(w0.clone()), nn.Parameter(distribute_tensor(w0.clone(), mesh, [Shard(dim)]))
@@ -427,4 +538,4 @@ def test_dtensor_two_ranks_matches_plain_tensor():
         result = os.path.join(tmp, "errors.pt")
         mp.spawn(_two_rank_worker, args=(os.path.join(tmp, "store"), result), nprocs=2)
         errors = torch.load(result)
-    assert len(errors) == 4 and max(errors) < 1e-5, errors
+    assert len(errors) == 5 and max(errors) < 1e-5, errors

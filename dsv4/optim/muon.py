@@ -19,13 +19,14 @@ measured RMS instead would blow such a single direction up by sqrt(min(m, n)).
 Parameters with more than two dims (stacked experts [E, out, in]) are orthogonalised per matrix over
 the last two dims. DTensor parameters (FSDP2) are orthogonalised on their local shard when every
 matrix lies whole on one rank (sharded only along leading dims), otherwise gathered with
-`full_tensor()`, orthogonalised, and cut back to the local shard.
+`full_tensor()`, orthogonalised, and cut back to the local shard. The step is batched over the
+parameters whose matrices share a shape (see `Muon`); that changes the kernels, not the math above.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -52,15 +53,17 @@ def hybrid_newton_schulz(G: Tensor, steps: Sequence[tuple[float, float, float]] 
         raise ValueError(f"hybrid_newton_schulz needs a matrix or a batch of matrices, got shape {tuple(G.shape)}")
     if dtype is None:
         dtype = torch.bfloat16 if G.is_cuda else torch.float32
-    X = G.float()
+    X = G.float().reshape(-1, *G.shape[-2:])  # (batch, m, n)
     X = (X / (X.norm(dim=(-2, -1), keepdim=True) + eps)).to(dtype)
     tall = X.size(-2) > X.size(-1)
     if tall:  # work on the wide side so the Gram matrix X X^T is the smaller one
         X = X.mT
     for a, b, c in steps:
-        A = X @ X.mT  # [..., m, m], m <= n
-        X = a * X + (b * A + c * (A @ A)) @ X
-    return X.mT if tall else X
+        # X <- a X + (b A + c A^2) X with A = X X^T, as three matmul kernels (the step is launch-bound)
+        A = X @ X.mT  # (batch, k, k), k = min(m, n)
+        B = torch.baddbmm(A, A, A, beta=b, alpha=c)
+        X = torch.baddbmm(X, B, X, beta=a)
+    return (X.mT if tall else X).reshape(G.shape)
 
 
 def update_scale(shape: Sequence[int], update_rms: float) -> float:
@@ -89,35 +92,79 @@ def shard_like(full: Tensor, like: DTensor) -> DTensor:
     return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None)
 
 
-def orthogonalised_update(U: Tensor, param: Tensor, steps: Sequence[tuple[float, float, float]], eps: float,
-                          update_rms: float) -> Tensor:
-    """NS(U) scaled to RMS `update_rms`, in param's dtype and (for DTensors) param's placements."""
-    scale = update_scale(param.shape, update_rms)
-    if not isinstance(U, DTensor):
-        return (hybrid_newton_schulz(U, steps, eps) * scale).to(param.dtype)
-    if _matrices_are_local(U) and U.placements == param.placements:
-        local = (hybrid_newton_schulz(U.to_local(), steps, eps) * scale).to(param.dtype)
-        return DTensor.from_local(local, param.device_mesh, param.placements, run_check=False,
-                                  shape=param.shape, stride=param.stride())
-    full = (hybrid_newton_schulz(gather_full(U), steps, eps) * scale).to(param.dtype)
-    return shard_like(full, param)
+def _batch_key(p: Tensor, g: Tensor, buf: Tensor) -> tuple | None:
+    """Which batch parameter `p` joins: its matrices' shape (m, n), dtypes, device and whether it is a
+    DTensor worked on through its local shard. None sends it down the per-parameter path
+    (`Muon._step_alone`): a DTensor whose matrices are split over ranks, or a parameter that cannot be
+    viewed as (E, m, n)."""
+    if isinstance(p, DTensor) or isinstance(g, DTensor):
+        local = (isinstance(p, DTensor) and isinstance(g, DTensor) and isinstance(buf, DTensor)
+                 and _matrices_are_local(g) and g.placements == p.placements == buf.placements)
+        if not local:
+            return None
+    if not _local(p).is_contiguous():  # the update is written through (E, m, n) views of it
+        return None
+    return (*p.shape[-2:], p.dtype, g.dtype, _local(p).device, isinstance(p, DTensor))
+
+
+def _local(t: Tensor) -> Tensor:
+    """This rank's shard of a DTensor (a view of its storage under no_grad), a plain tensor as is."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _runs(counts: Sequence[int], limit: int) -> Iterator[list[tuple[int, int, int]]]:
+    """Cut the matrices of tensors 0, 1, ... (counts[i] each) into consecutive runs of at most `limit`
+    matrices; a run is a list of (tensor index, first matrix, end matrix). A tensor may span runs."""
+    run, room = [], limit
+    for i, count in enumerate(counts):
+        first = 0
+        while first < count:
+            take = min(room, count - first)
+            run.append((i, first, first + take))
+            first, room = first + take, room - take
+            if room == 0:
+                yield run
+                run, room = [], limit
+    if run:
+        yield run
+
+
+def _update_momentum_(bufs: list[Tensor], grads: list[Tensor], mu: float) -> None:
+    """B <- mu * B + G for every pair, in place."""
+    torch._foreach_mul_(bufs, mu)
+    torch._foreach_add_(bufs, grads)
+
+
+def _direction(grads: list[Tensor], bufs: list[Tensor], mu: float, nesterov: bool) -> list[Tensor]:
+    """U = G + mu * B (Nesterov) or B, the matrices that NS orthogonalises."""
+    return torch._foreach_add(grads, bufs, alpha=mu) if nesterov else list(bufs)
 
 
 # -------------------------------------------------------------------------------------- optimizer
 class Muon(torch.optim.Optimizer):
     """Muon (see the module docstring for the exact update). Only for parameters with >= 2 dims;
     embeddings, the output head, norms, biases and gates belong to AdamW (`dsv4.optim.build_optimizer`).
+
+    A step is batched: parameters whose matrices have one shape (a 3-D [E, m, n] stack counts as E
+    matrices) share their foreach momentum/decay/update kernels and one Newton-Schulz call on the
+    stacked (count, m, n) matrices, cut so that one stack holds at most `max_stack_bytes` (NS's
+    temporaries are a few times that). Done one parameter at a time, a 1.29B-parameter V4 spent 1.87 s of
+    host time launching ~27,000 matmuls for 0.33 s of GPU work. `max_stack_bytes` is an attribute, not
+    a group hyperparameter, so optimizer state saved before it existed still loads.
     """
 
     def __init__(self, params, lr: float = 2e-4, momentum: float = 0.95, nesterov: bool = True,
                  weight_decay: float = 0.1, update_rms: float = 0.18,
-                 ns_coefficients: Sequence[tuple[float, float, float]] = HYBRID_NS_COEFFICIENTS, eps: float = 1e-7):
-        if lr < 0 or not 0 <= momentum < 1 or weight_decay < 0 or update_rms <= 0:
-            raise ValueError(f"Muon: need lr >= 0, 0 <= momentum < 1, weight_decay >= 0, update_rms > 0; got "
-                             f"lr={lr}, momentum={momentum}, weight_decay={weight_decay}, update_rms={update_rms}")
+                 ns_coefficients: Sequence[tuple[float, float, float]] = HYBRID_NS_COEFFICIENTS, eps: float = 1e-7,
+                 max_stack_bytes: int = 1 << 30):
+        if lr < 0 or not 0 <= momentum < 1 or weight_decay < 0 or update_rms <= 0 or max_stack_bytes <= 0:
+            raise ValueError(f"Muon: need lr >= 0, 0 <= momentum < 1, weight_decay >= 0, update_rms > 0, "
+                             f"max_stack_bytes > 0; got lr={lr}, momentum={momentum}, weight_decay={weight_decay}, "
+                             f"update_rms={update_rms}, max_stack_bytes={max_stack_bytes}")
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
                         update_rms=update_rms, ns_coefficients=tuple(map(tuple, ns_coefficients)), eps=eps)
         super().__init__(params, defaults)
+        self.max_stack_bytes = max_stack_bytes
         for group in self.param_groups:
             for p in group["params"]:
                 if p.ndim < 2:
@@ -131,18 +178,55 @@ class Muon(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
+            batches: dict[tuple, list[tuple[Tensor, Tensor, Tensor]]] = {}
+            alone: list[tuple[Tensor, Tensor, Tensor]] = []
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                g = p.grad
                 state = self.state[p]
                 if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(g, memory_format=torch.preserve_format)
-                buf = state["momentum_buffer"]
-                buf.mul_(mu).add_(g)
-                U = g.add(buf, alpha=mu) if group["nesterov"] else buf
-                O = orthogonalised_update(U, p, group["ns_coefficients"], group["eps"], group["update_rms"])
-                p.mul_(1 - lr * wd)  # decoupled weight decay
-                p.add_(O, alpha=-lr)
+                    state["momentum_buffer"] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
+                member = (p, p.grad, state["momentum_buffer"])
+                key = _batch_key(*member)
+                if key is None:
+                    alone.append(member)
+                else:
+                    batches.setdefault(key, []).append(member)
+            for members in batches.values():
+                self._step_batch(members, group)
+            for member in alone:
+                self._step_alone(*member, group)
         return loss
+
+    def _step_batch(self, members: list[tuple[Tensor, Tensor, Tensor]], group: dict) -> None:
+        """One step of parameters whose matrices share a shape, on their (local) tensors."""
+        lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
+        params, grads, bufs = ([_local(t) for t in ts] for ts in zip(*members))
+        _update_momentum_(bufs, grads, mu)
+        torch._foreach_mul_(params, 1 - lr * wd)  # decoupled weight decay
+        m, n = params[0].shape[-2:]
+        scale = update_scale((m, n), group["update_rms"])
+        # (E, m, n) views; grads and buffers are only read, so a copy would do where no view exists
+        P, G, B = ([t.reshape(-1, m, n) for t in ts] for ts in (params, grads, bufs))
+        per_stack = max(1, self.max_stack_bytes // (m * n * bufs[0].element_size()))
+        for run in _runs([len(t) for t in P], per_stack):
+            U = _direction([G[i][a:b] for i, a, b in run], [B[i][a:b] for i, a, b in run], mu, group["nesterov"])
+            O = hybrid_newton_schulz(torch.cat(U), group["ns_coefficients"], group["eps"])  # (count, m, n)
+            update = torch.empty(O.shape, dtype=params[0].dtype, device=O.device)
+            torch.mul(O, scale, out=update)  # scale, cast and lay out like the parameters in one kernel
+            torch._foreach_add_([P[i][a:b] for i, a, b in run], update.split([b - a for _, a, b in run]),
+                                alpha=-lr)
+
+    @staticmethod
+    def _step_alone(p: Tensor, g: Tensor, buf: Tensor, group: dict) -> None:
+        """One step of one parameter outside the batches: a DTensor whose matrices are split over ranks
+        (U is gathered whole, orthogonalised on every rank, and cut back to this rank's shard) or a
+        parameter that no (E, m, n) view reaches."""
+        lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
+        _update_momentum_([buf], [g], mu)
+        (U,) = _direction([g], [buf], mu, group["nesterov"])
+        O = hybrid_newton_schulz(gather_full(U) if isinstance(U, DTensor) else U, group["ns_coefficients"],
+                                 group["eps"])
+        O = (O * update_scale(p.shape, group["update_rms"])).to(p.dtype)
+        p.mul_(1 - lr * wd)  # decoupled weight decay
+        p.add_(shard_like(O, p) if isinstance(p, DTensor) else O, alpha=-lr)
