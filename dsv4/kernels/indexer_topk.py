@@ -3,11 +3,12 @@
 score(t, s) = c^-1/2 * sum_h w_{t,h} ReLU(q_{t,h} . K_s) for finished entries s < (p_t + 1) / m, top-k per
 query; equal scores resolve to the lowest index (the reference's stable sort, so cached decode equals
 the full forward). A program holds BLOCK_Q queries' heads, stacked as the rows (or, `layout="key"`, the
-columns) of one matmul, and walks a range of key tiles (skipping the matmul past every query's visible count);
-per tile it sums the heads on chip (`SCORE_LAYOUTS`: where that sum runs) and writes one int64 *sort key* per (query, entry): the score's order-preserving bit pattern in
-the high word and (N - 1 - s) in the low word. Keys are unique, so a plain `torch.topk` on them reproduces
-the stable sort exactly, ties included. Queries are processed in chunks so at most `key_budget` keys
-(8 bytes each) exist at a time: O(chunk x N) memory, never O(S x N) for long prompts.
+columns) of one matmul, and walks a range of key tiles (skipping the matmul past every query's visible
+count); per tile it sums the heads on chip (`SCORE_LAYOUTS`: where that sum runs) and writes one int64
+*sort key* per (query, entry): the score's order-preserving bit pattern in the high word and (N - 1 - s) in
+the low word. Keys are unique, so a plain `torch.topk` on them reproduces the stable sort exactly, ties
+included. Queries are processed in chunks so at most `key_budget` keys (8 bytes each) exist at a time:
+O(chunk x N) memory, never O(S x N) for long prompts.
 
 Options: `fp8` scores on the FP8 tensor cores (E4M3 q and keys, as the release's indexer), within E4M3
 rounding of the reference; `candidates` writes each group's best score too, takes per query the k-th best
