@@ -30,7 +30,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor
-from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, Partial, Shard, distribute_tensor
 
 # Report §3: 8 steps of the fast quintic (Keller Jordan's coefficients: large slope at 0, lands the
 # singular values anywhere in ~[0.7, 1.2]), then 2 steps of p(x) = 2x - 1.5x^3 + 0.5x^5, whose fixed
