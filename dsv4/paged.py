@@ -7,6 +7,10 @@ sequence in `slots[b]` of a `dsv4.kernels.paged_cache.PagedKVCache`. Each attent
   - attends over what the pool holds. Decode (one token per row, ragged positions) runs the split-K decode
     kernel and the fused indexer top-k directly on the pool's blocks; a prefill chunk (several tokens of
     one row) reads the slot's entries back (dequantised) and runs the dense-source kernels.
+The decode step is graph-safe (`dsv4.engine.graphs` captures it as a CUDA graph): what it reads that changes
+between steps is in device tensors (`PagedBatch.slot_ids`, `pos`, the pool's block tables, allocated by
+`PagedBatch.reserve_decode` before the step), every row runs the same ops (no host list, no host sync, no
+branch on the rows' positions), and the only host number, `max_len`, just sizes the kernels' grids.
 What attention sees is exactly the reference model's view under `kernels.simulate_fp8_kv()` (every KV
 entry and index key rounded through its stored format), so the paged model is tested against it.
 """
@@ -19,7 +23,7 @@ import torch
 
 from . import kernels
 from .cache import CompressorState
-from .compressor import Compressor
+from .compressor import Compressor, visible_entries
 from .kernels import fp8_kv
 from .kernels.paged_cache import PagedKVCache
 
@@ -30,12 +34,26 @@ class PagedBatch:
     pool: PagedKVCache
     slots: list[int]
     pos: torch.Tensor | None = None  # (B, S) positions of the pass under way (`begin`)
+    # Decode (S = 1): the slots as a (B,) device tensor, and a bound on every row's position + 1 that sizes
+    # the kernels' grids (the exact maximum here; a captured graph's capacity bucket in `engine.graphs`).
+    slot_ids: torch.Tensor | None = None
+    max_len: int = 0
 
     def starts(self) -> list[int]:
         return [self.pool.lengths[s] for s in self.slots]
 
     def begin(self, ids: torch.Tensor, max_positions: int) -> None:
-        """Check the batch against the slots; set `pos`, the (B, S) absolute positions of the new tokens."""
+        """Check the batch against the slots; set `pos`, the (B, S) absolute positions of the new tokens
+        (decode: also `slot_ids`, `max_len`, and the blocks the step writes into)."""
+        self.check(ids, max_positions)
+        starts, S = self.starts(), ids.shape[1]
+        self.pos = torch.tensor(starts, device=ids.device)[:, None] + torch.arange(S, device=ids.device)
+        if S == 1:
+            self.slot_ids = torch.tensor(self.slots, device=ids.device)
+            self.max_len = max(starts) + 1
+            self.reserve_decode()
+
+    def check(self, ids: torch.Tensor, max_positions: int) -> None:
         B, S = ids.shape
         if B != len(self.slots):
             raise ValueError(f"{len(self.slots)} cache slots for a batch of {B} rows")
@@ -47,7 +65,11 @@ class PagedBatch:
         starts = self.starts()
         if max(starts) + S > max_positions:
             raise ValueError(f"sequence of {max(starts) + S} tokens exceeds max_position_embeddings={max_positions}")
-        self.pos = torch.tensor(starts, device=ids.device)[:, None] + torch.arange(S, device=ids.device)
+
+    def reserve_decode(self) -> None:
+        """Before a decode step: the blocks of the entries it finishes (CacheFull here, before any write)."""
+        for s in self.slots:
+            self.pool.reserve(s, self.pool.lengths[s] + 1)
 
     def advance(self) -> None:
         """After the pass: every slot has consumed its new tokens."""
@@ -121,49 +143,47 @@ def _compress_prefill(comp: Compressor, x: torch.Tensor, pool: PagedKVCache, lay
 
 
 # ---------------------------------------------------------------------------------------------- decode
-def _compress_decode(comp: Compressor, x: torch.Tensor, pool: PagedKVCache, layer: int, slots: list[int],
-                     starts: list[int], inv_freq: torch.Tensor, indexer: bool) -> None:
-    """One new token per row (rows at different positions): store it in its slot's unfinished block; the rows
-    whose block it completes emit their entry (into the pool) in one batched compressor call."""
+def _compress_decode(comp: Compressor, x: torch.Tensor, pool: PagedKVCache, layer: int, batch: PagedBatch,
+                     inv_freq: torch.Tensor, indexer: bool) -> None:
+    """One new token per row (rows at different positions), every row alike (graph-safe): each row stores its
+    token in its slot's unfinished block (row p % r) and pools that block into the entry it would make; only
+    the rows whose token completes the block (p + 1 = 0 mod r) keep it: they write the entry into the pool
+    and update the overlap rows, the others send it to the pool's scratch row and keep theirs. Row r - 1 of
+    the block thus ends up holding the finishing token, which nothing reads (pending tokens are rows < r - 1)."""
     kv_state, gate_state = pool.compressor_state(layer, indexer)
-    r, D, dev = comp.ratio, comp.head_dim, x.device
-    fin = [b for b, p in enumerate(starts) if (p + 1) % r == 0]
-    rest = [b for b, p in enumerate(starts) if (p + 1) % r]
-    if rest:
-        sl = torch.tensor([slots[b] for b in rest], device=dev)
-        row = torch.tensor([starts[b] % r for b in rest], device=dev)
-        xr = x[rest, 0]
-        kv_state[sl, row] = comp.wkv(xr).float()
-        gate_state[sl, row] = comp.wgate(xr).float()
-    if not fin:
-        return
-    sl = torch.tensor([slots[b] for b in fin], device=dev)
-    first = [(starts[b] + 1) // r - 1 for b in fin]  # index of the entry each finishing row emits
-    state = CompressorState(pending_kv=kv_state[sl, :r - 1].to(x.dtype), pending_gate=gate_state[sl, :r - 1].to(x.dtype),
-                            base=torch.tensor(first, device=dev)[:, None])
+    r, D, dtype = comp.ratio, comp.head_dim, x.dtype
+    slots, p = batch.slot_ids, batch.pos[:, 0]  # (B,), (B,)
+    kv_state[slots, p % r] = comp.wkv(x[:, 0]).float()
+    gate_state[slots, p % r] = comp.wgate(x[:, 0]).float()
+    finished = (p + 1) % r == 0
+    first = (p + 1) // r - 1  # index of the entry a finishing row emits
+    # The whole block is in the state (bf16 -> fp32 -> bf16 is exact): the compressor gets no new tokens.
+    state = CompressorState(pending_kv=kv_state[slots, :r].to(dtype), pending_gate=gate_state[slots, :r].to(dtype),
+                            base=first[:, None])
     if comp.overlap:
-        none = torch.tensor([w == 0 for w in first], device=dev)[:, None, None]  # no block before entry 0
-        state.overlap_kv = kv_state[sl, r:2 * r, :D].masked_fill(none, 0.0).to(x.dtype)
-        state.overlap_gate = gate_state[sl, r:2 * r, :D].masked_fill(none, float("-inf"))
-    entries = comp(x[fin], state, inv_freq)[:, 0]  # (F, D)
+        none = (first <= 0)[:, None, None]  # no block before entry 0 (first < 0: a row that finishes nothing)
+        old_kv, old_gate = kv_state[slots, r:2 * r, :D], gate_state[slots, r:2 * r, :D]
+        state.overlap_kv = old_kv.masked_fill(none, 0.0).to(dtype)
+        state.overlap_gate = old_gate.masked_fill(none, float("-inf"))
+    entries = comp(x[:, :0], state, inv_freq)[:, 0]  # (B, D)
     if comp.overlap:
-        kv_state[sl, r:2 * r, :D] = state.overlap_kv.float()
-        gate_state[sl, r:2 * r, :D] = state.overlap_gate.float()
-    pool.write_one_each(layer, [slots[b] for b in fin], first, entries, index_keys=indexer)
+        keep = ~finished[:, None, None]
+        kv_state[slots, r:2 * r, :D] = torch.where(keep, old_kv, state.overlap_kv.float())
+        gate_state[slots, r:2 * r, :D] = torch.where(keep, old_gate, state.overlap_gate.float())
+    pool.write_finished(layer, slots, first, finished, entries, index_keys=indexer)
 
 
 def _decode(attn, x, q, kv, q_latent, batch: PagedBatch, positions: torch.Tensor,
             inv_freq: torch.Tensor) -> torch.Tensor:
-    """B sequences, one new token each, at their own positions -> (B, 1, H, D)."""
-    pool, slots, layer, W = batch.pool, batch.slots, attn.layer_id, attn.window
-    starts, B, dev = batch.starts(), x.shape[0], x.device
-    pool.write_window_tokens(layer, slots, kv[:, 0], starts)
-    n_vis = [0] * B
+    """B sequences, one new token each, at their own positions (B, 1) -> (B, 1, H, D)."""
+    pool, layer, W, B, dev = batch.pool, attn.layer_id, attn.window, x.shape[0], x.device
+    pool.write_window_tokens(layer, batch.slot_ids, kv[:, 0], positions[:, 0])
+    max_comp = 0  # host bound on every row's finished entries: sizes the grids, the kernels mask by n_comp
     if attn.compressor is not None:
-        _compress_decode(attn.compressor, x, pool, layer, slots, starts, inv_freq, indexer=False)
-        n_vis = [(p + 1) // attn.ratio for p in starts]
+        _compress_decode(attn.compressor, x, pool, layer, batch, inv_freq, indexer=False)
+        max_comp = batch.max_len // attn.ratio
         if attn.indexer is not None:
-            _compress_decode(attn.indexer.compressor, x, pool, layer, slots, starts, inv_freq, indexer=True)
+            _compress_decode(attn.indexer.compressor, x, pool, layer, batch, inv_freq, indexer=True)
     scale, rd, ratio, sink = attn.head_dim ** -0.5, attn.rope_dim, max(attn.ratio, 1), attn.attn_sink
     if kernels.use_triton(q) and (attn.indexer is None or pool.index_keys == "fp8"):
         from .kernels.decode_attn import attend_decode
@@ -171,29 +191,30 @@ def _decode(attn, x, q, kv, q_latent, batch: PagedBatch, positions: torch.Tensor
         pos32 = positions.to(torch.int32)
         zeros = torch.zeros(B, dtype=torch.int32, device=dev)
         comp = n_comp = topk = None
-        max_comp = max(n_vis)
         if max_comp:
-            n_comp = torch.tensor(n_vis, dtype=torch.int32, device=dev)
-            comp = pool.entry_source(layer, slots)
+            n_comp = visible_entries(positions[:, 0], attn.ratio).to(torch.int32)
+            comp = pool.entry_source(layer, batch.slot_ids)
             if attn.indexer is not None:
                 iq, head_w = attn.indexer.queries(x, q_latent, positions, inv_freq)
-                topk = indexer_topk_decode(iq.contiguous(), head_w, pool.key_source(layer, slots), pos32[:, 0],
-                                           n_comp, 4, attn.indexer.topk, max_comp)[:, None].to(torch.int32)
-        return attend_decode(q.contiguous(), pos32, sink, scale, W, pool.window_source(layer, slots), zeros, zeros,
-                             win_ring=W, comp=comp, n_comp=n_comp, max_comp=max_comp, topk=topk, ratio=ratio,
+                topk = indexer_topk_decode(iq.contiguous(), head_w, pool.key_source(layer, batch.slot_ids),
+                                           pos32[:, 0], n_comp, 4, attn.indexer.topk, max_comp)[:, None].to(torch.int32)
+        return attend_decode(q.contiguous(), pos32, sink, scale, W, pool.window_source(layer, batch.slot_ids), zeros,
+                             zeros, win_ring=W, comp=comp, n_comp=n_comp, max_comp=max_comp, topk=topk, ratio=ratio,
                              rope_dim=rd)
-    # Reference: each row's window and entries read back (dequantised), the model's attention on them.
+    # Reference (host lists, not graph-safe): each row's window and entries read back (dequantised), the
+    # model's attention on them.
     out = []
-    for b, (slot, p) in enumerate(zip(slots, starts)):
+    for b, (slot, p) in enumerate(zip(batch.slots, batch.starts())):
+        n_vis = (p + 1) // attn.ratio if attn.compressor is not None else 0
         window_kv = pool.read_window(layer, slot, p + 1, min(p + 1, W), dtype=kv.dtype)[None]
         compressed = topk = None
         if attn.compressor is not None:
-            compressed = pool.gather_entries(layer, slot, kv.dtype, n_vis[b])[None]
+            compressed = pool.gather_entries(layer, slot, kv.dtype, n_vis)[None]
             if attn.indexer is not None:
-                if n_vis[b] == 0:
+                if n_vis == 0:
                     topk = torch.full((1, 1, 0), -1, dtype=torch.long, device=dev)
                 else:
-                    keys = pool.gather_index_keys(layer, slot, n_vis[b]).to(kv.dtype)[None]
+                    keys = pool.gather_index_keys(layer, slot, n_vis).to(kv.dtype)[None]
                     iq, head_w = attn.indexer.queries(x[b:b + 1], q_latent[b:b + 1], positions[b], inv_freq)
                     topk = kernels.index_topk(iq, head_w, keys, positions[b], attn.ratio, attn.indexer.topk)
         out.append(kernels.sparse_attention(q[b:b + 1], window_kv, positions[b], compressed, topk, attn.ratio, sink,

@@ -13,8 +13,10 @@ KV cache (`EngineConfig.kv_cache`): "paged" (default) keeps every request in a s
 pool (`dsv4.kernels.paged_cache.PagedKVCache`, §2.3.4), sized once from the KV budget; a decode step is
 one forward over `PagedBatch(pool, slots)`, whose kernels read the pool's blocks. A request is admitted
 only when the pool's unreserved blocks cover its worst case (prompt + max_tokens), so a running request
-never runs out of blocks. "reference" keeps one model-dtype `KVCache` per request and loops attention
-per sequence (slow on a GPU); speculative decoding always runs on it (see below).
+never runs out of blocks. On a GPU the paged decode step is a replayed CUDA graph per (batch size, context
+bucket) (`EngineConfig.decode_graphs`, `dsv4.engine.graphs`): eager decode is bound by kernel launches.
+"reference" keeps one model-dtype `KVCache` per request and loops attention per sequence (slow on a GPU);
+speculative decoding always runs on it (see below).
 
 Speculative decoding (MTP, §2 of the report; greedy requests): the MTP block drafts the token after the
 pending one, the trunk verifies [pending, draft] in one 2-token forward. Accepted: two tokens for one
@@ -48,6 +50,7 @@ from ..generate import SamplingParams, sample, token_logprobs
 from ..model import Transformer
 from ..paged import PagedBatch
 from . import cache_ops
+from .graphs import DecodeGraphs
 from .prefix import PrefixEntry, PrefixStore, block_keys
 from .text import TextStream
 
@@ -83,6 +86,7 @@ class EngineConfig:
     prefix_dir: str | None = None  # on-disk prefix store (survives restarts); None = memory only
     prefix_disk_bytes: int | None = None  # cap of the on-disk store (oldest files go first)
     speculative: bool = False  # MTP speculative decoding for greedy requests
+    decode_graphs: bool | None = None  # paged decode as replayed CUDA graphs; None = on when the model is on CUDA
     batch_invariant: bool = False  # every forward has batch 1: a request's tokens never depend on the others
     max_waiting: int = 4096  # queued requests beyond this are refused
 
@@ -269,6 +273,8 @@ class Engine:
                     self._block_bytes[r] += (self.pool.entry_bytes + keys) * self.pool.block_size
             log.info("paged KV pool: %d slots, %d tokens, %.1f MiB of a %.1f MiB budget", cfg.max_batch,
                      self.pool_tokens, self.pool.allocated_bytes() / 2**20, self.kv_budget / 2**20)
+            enabled = self.device.type == "cuda" if cfg.decode_graphs is None else cfg.decode_graphs
+            self.decode_step = DecodeGraphs(model, self.pool, enabled=enabled)
         # The layout is part of the fingerprint: a prefix store never serves a snapshot of the other kind.
         self.fingerprint = model_fingerprint(model) + ("-mtp" if cfg.speculative else "") + \
             (f"-paged-{self.pool.index_keys}" if self.pool is not None else "")
@@ -559,7 +565,11 @@ class Engine:
         plain = [r for r in rows if r not in spec]
         for g in self._groups(plain):
             ids = torch.tensor([[r.pending] for r in g], device=self.device)
-            logits = self._forward(ids, g, hidden=False)
+            if self.pool is None:
+                logits = self._forward(ids, g, hidden=False)
+            else:  # the same forward, as a replayed CUDA graph on a GPU
+                self._counters["forward_passes"] += 1
+                logits = self.decode_step(ids, [r.slot for r in g])
             self._sample_and_emit(g, logits[:, -1])
         for g in self._groups(spec):
             self._speculate(g)

@@ -10,6 +10,11 @@ KV records are the 584-byte FP8 format of `fp8_kv`. Layers with the same compres
 same number of entries per sequence, so they share one block table: block ids are allocated once per
 ratio group and index that group's per-layer pools. `used_bytes` counts exactly what the analyser
 (`dsv4.analysis.v4_kv_terms`, `dsv4 info`) counts; `allocated_bytes` is the pool itself.
+
+Decode writes are graph-safe (`dsv4.engine.graphs`): slots and positions come as device tensors, every row
+of the batch writes (a row that finishes no compressed entry writes its would-be entry to the group's
+scratch row, one row past the blocks, which nothing reads), and blocks are allocated beforehand on the
+host (`reserve`), so a captured step only reads the block tables.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ class _Group:
     table: torch.Tensor  # (max_seqs, max_blocks) int32, -1 = unallocated (what the kernels read)
     free: list[int]
     host: list[list[int]]  # the same table on the host: allocation never waits for the device
+    scratch_row: int  # pool row past every block: where decode sends the entries of rows that finish none
 
 
 class PagedKVCache:
@@ -65,18 +71,18 @@ class PagedKVCache:
             n_blocks = math.ceil(max_tokens / r / block_size) + max_seqs
             max_per_seq = math.ceil(config.max_position_embeddings / r / block_size)
             self.groups[r] = _Group(r, torch.full((max_seqs, max_per_seq), -1, dtype=torch.int32, device=dev),
-                                    list(range(n_blocks - 1, -1, -1)), [[] for _ in range(max_seqs)])
+                                    list(range(n_blocks - 1, -1, -1)), [[] for _ in range(max_seqs)],
+                                    scratch_row=n_blocks * block_size)
         self.window = {i: torch.zeros(max_seqs, config.sliding_window, self.entry_bytes, dtype=torch.uint8,
                                       device=dev) for i in self.layer_ids}
         self.entries, self.keys, self.state = {}, {}, {}
         for i, r in self.ratios.items():
             if not r:
                 continue
-            n_blocks = len(self.groups[r].free)
-            self.entries[i] = torch.zeros(n_blocks * block_size, self.entry_bytes, dtype=torch.uint8, device=dev)
+            rows = self.groups[r].scratch_row + 1
+            self.entries[i] = torch.zeros(rows, self.entry_bytes, dtype=torch.uint8, device=dev)
             if r == 4:
-                self.keys[i] = torch.zeros(n_blocks * block_size, self.key_format.bytes, dtype=torch.uint8,
-                                           device=dev)
+                self.keys[i] = torch.zeros(rows, self.key_format.bytes, dtype=torch.uint8, device=dev)
             self.state[i] = torch.zeros(max_seqs, compressor_state_bytes(config, r) // 4, dtype=torch.float32,
                                         device=dev)
 
@@ -97,13 +103,13 @@ class PagedKVCache:
         for st in self.state.values():
             st[slot].zero_()
 
-    def _rows(self, ratio: int, slot: int, start: int, n: int) -> torch.Tensor:
-        """Physical rows of entries [start, start + n) of `slot`, allocating blocks as needed."""
+    def _allocate_blocks(self, ratio: int, slot: int, n: int) -> list[int]:
+        """Blocks for entries [0, n) of `slot` (allocated as needed) -> the slot's host block list."""
         g, bs = self.groups[ratio], self.block_size
         host = g.host[slot]
-        need = math.ceil((start + n) / bs)
+        need = math.ceil(n / bs)
         if need > g.table.shape[1]:
-            raise CacheFull(f"slot {slot}: {start + n} ratio-{ratio} entries exceed max_position_embeddings")
+            raise CacheFull(f"slot {slot}: {n} ratio-{ratio} entries exceed max_position_embeddings")
         if need > len(host):
             if need - len(host) > len(g.free):
                 raise CacheFull(f"ratio-{ratio} pool is out of blocks ({len(g.free)} free, "
@@ -112,7 +118,19 @@ class PagedKVCache:
             host.extend(g.free.pop() for _ in range(need - first))
             g.table[slot, first:need] = torch.tensor(host[first:need], dtype=torch.int32).to(g.table.device,
                                                                                           non_blocking=True)
-        dev = g.table.device
+        return host
+
+    def reserve(self, slot: int, n_tokens: int) -> None:
+        """Blocks for every entry `slot` holds once it has consumed `n_tokens` tokens, in every ratio group:
+        decode calls it before the step, so the step (maybe a replayed CUDA graph) only reads the tables."""
+        for r in self.groups:
+            self._allocate_blocks(r, slot, n_tokens // r)
+
+    def _rows(self, ratio: int, slot: int, start: int, n: int) -> torch.Tensor:
+        """Physical rows of entries [start, start + n) of `slot`, allocating blocks as needed."""
+        bs, dev = self.block_size, self.groups[ratio].table.device
+        host = self._allocate_blocks(ratio, slot, start + n)
+        need = math.ceil((start + n) / bs)
         blocks = torch.tensor(host[start // bs:need], dtype=torch.long).to(dev, non_blocking=True)
         idx = torch.arange(start, start + n, device=dev)
         return blocks[idx // bs - start // bs] * bs + idx % bs
@@ -129,10 +147,10 @@ class PagedKVCache:
         slots = torch.arange(start_pos, start_pos + kv.shape[0], device=kv.device) % n_win
         self.window[layer][slot, slots] = fp8_kv.pack(*fp8_kv.quantize(kv, self.config.qk_rope_head_dim))
 
-    def write_window_tokens(self, layer: int, slots: list[int], kv: torch.Tensor, positions: list[int]) -> None:
-        """Decode: one token per sequence, kv (B, D) at `positions` -> each slot's ring."""
+    def write_window_tokens(self, layer: int, slots: torch.Tensor, kv: torch.Tensor, positions: torch.Tensor) -> None:
+        """Decode: one token per sequence, kv (B, D) at `positions` (B,) -> the rings of `slots` (B,) (device)."""
         n_win = self.config.sliding_window
-        rows = torch.tensor([s * n_win + p % n_win for s, p in zip(slots, positions)]).to(kv.device, non_blocking=True)
+        rows = slots * n_win + positions % n_win
         self.window[layer].view(-1, self.entry_bytes)[rows] = fp8_kv.pack(*fp8_kv.quantize(kv, self.config.qk_rope_head_dim))
 
     def read_window(self, layer: int, slot: int, end: int, n: int, dtype=torch.bfloat16) -> torch.Tensor:
@@ -164,11 +182,15 @@ class PagedKVCache:
     def write_index_keys(self, layer: int, slot: int, keys: torch.Tensor, start: int) -> None:
         self._store(layer, self._rows(4, slot, start, keys.shape[0]), keys, index_keys=True)
 
-    def write_one_each(self, layer: int, slots: list[int], indices: list[int], x: torch.Tensor,
-                       index_keys: bool = False) -> None:
-        """Decode: row i of x (F, D) is entry indices[i] of slots[i] (a compressed entry, or an index key)."""
-        ratio = 4 if index_keys else self.ratios[layer]
-        self._store(layer, torch.cat([self._rows(ratio, s, w, 1) for s, w in zip(slots, indices)]), x, index_keys)
+    def write_finished(self, layer: int, slots: torch.Tensor, indices: torch.Tensor, finished: torch.Tensor,
+                       x: torch.Tensor, index_keys: bool = False) -> None:
+        """Decode, every row alike: row b of x (B, D) is entry indices[b] of slots[b] (a compressed entry, or an
+        index key) where finished[b]; the other rows go to the scratch row. All (B,) device tensors; the
+        blocks must be allocated (`reserve`)."""
+        g, bs = self.groups[4 if index_keys else self.ratios[layer]], self.block_size
+        w = indices.clamp(min=0)  # unfinished rows may point before entry 0; their row is discarded anyway
+        rows = torch.where(finished, g.table[slots, w // bs].long() * bs + w % bs, g.scratch_row)
+        self._store(layer, rows, x, index_keys)
 
     def _store(self, layer: int, rows: torch.Tensor, x: torch.Tensor, index_keys: bool) -> None:
         """x (n, D) -> its stored format at pool `rows`: index keys in this cache's key format, KV entries as
@@ -190,7 +212,7 @@ class PagedKVCache:
         n = self.num_entries(layer, slot) if n is None else n
         return self.dequantize_index_keys(self.keys[layer][self._rows(4, slot, 0, n)])
 
-    def key_source(self, layer: int, slots: list[int]):
+    def key_source(self, layer: int, slots: torch.Tensor | list[int]):
         """The indexer decode kernel's view of the FP8 keys (`indexer_decode.KeySource`)."""
         from .indexer_decode import KeySource
         if self.index_keys != "fp8":
@@ -200,14 +222,15 @@ class PagedKVCache:
                          table=self.groups[4].table[slots].contiguous(), block_size=self.block_size)
 
     # ------------------------------------------------------------------ kernel views
-    def window_source(self, layer: int, slots: list[int]) -> KVSource:
+    # `slots`: the batch's slots, a (B,) device tensor (decode: no host copy) or a list.
+    def window_source(self, layer: int, slots: torch.Tensor | list[int]) -> KVSource:
         D, rd = self.config.head_dim, self.config.qk_rope_head_dim
         n_win = self.config.sliding_window
         nope, rope, scale = fp8_kv.views(self.window[layer].view(-1, self.entry_bytes), D, rd)
-        table = torch.tensor(slots, dtype=torch.int32, device=nope.device)[:, None]
+        table = torch.as_tensor(slots, dtype=torch.int32, device=nope.device)[:, None]
         return KVSource(main=nope, rope=rope, scale=scale, table=table, block_size=n_win)
 
-    def entry_source(self, layer: int, slots: list[int]) -> KVSource:
+    def entry_source(self, layer: int, slots: torch.Tensor | list[int]) -> KVSource:
         D, rd = self.config.head_dim, self.config.qk_rope_head_dim
         nope, rope, scale = fp8_kv.views(self.entries[layer], D, rd)
         table = self.groups[self.ratios[layer]].table[slots].contiguous()
