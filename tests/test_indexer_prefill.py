@@ -70,8 +70,8 @@ def test_variant_matches_reference(variant, case):
                     "(triton 3.9: a 16x16 bf16 dot of small integers comes out ~1e10); fp32 inputs cover the CPU")
 @pytest.mark.parametrize("variant", ["query", "interleaved", "key", "key_head_dot_tiles"])
 def test_variant_bf16_inputs(variant):
-    """bf16 q and keys, as the model runs them. Integer-valued: the ReLU'd scores (|.| <= 4 x 16 x 2) and
-    weights are exact in bf16 even where `head_dot` rounds them, so the picks equal the reference's. Gaussian,
+    """bf16 q and keys, as the model runs them. Integer-valued: the ReLU'd scores (|q.K| <= 2 x 2 x 24 < 2^8)
+    and weights are exact in bf16 even where `head_dot` rounds them, so the picks equal the reference's. Gaussian,
     `head_dot`: each ReLU'd score and weight carries a bf16 rounding (2^-9 relative), so a pick scores at most
     2 x 2^-8 x max_n sum_h |w_h| ReLU(q_h . K_n) below the reference's k-th best."""
     from dsv4.kernels import indexer_topk as ix
@@ -91,17 +91,21 @@ def test_variant_bf16_inputs(variant):
 
 
 def test_fp8_scores_in_key_layout():
-    """FP8 scoring with keys as the MMA's rows: the per-key scale multiplies each key's head sum, as in the
-    default layout (integer inputs in [-2, 2] are exact in E4M3, so the picks equal the reference's)."""
+    """FP8 scoring in the other layouts: the per-key scale multiplies each key's head sum, as in the default
+    layout. Integer inputs in [-2, 2] are exact in E4M3 (0, +-128, +-256 at scale 2^-7), and so are the
+    `head_dot` bf16 operands: each ReLU'd q.K is 2^14 x an integer below 2^8, each weight an integer x 2^-7."""
     from dsv4.kernels import indexer_topk as ix
     gen = torch.Generator().manual_seed(4)
     B, S, Hi, Di, N, k = 2, 9, 4, 32, 60, 8
     ints = lambda *s: torch.randint(-2, 3, s, generator=gen).float()
     q, keys, w = ints(B, S, Hi, Di), ints(B, N, Di), ints(B, S, Hi)
     positions = torch.arange(4 * N - S, 4 * N)
-    for layout in ("interleaved", "key"):
-        out = run(ix, q, w, keys, positions, k, fp8=True, layout=layout)
-        assert torch.equal(out, ix.reference(q, w, keys, positions, 4, k)), layout
+    variants = [dict(layout="interleaved"), dict(layout="key")]
+    if DEVICE == "cuda":  # head_dot's bf16 matmul: not on CPU (see test_variant_bf16_inputs' skip)
+        variants.append(dict(layout="key", head_dot=True))
+    for kw in variants:
+        out = run(ix, q, w, keys, positions, k, fp8=True, **kw)
+        assert torch.equal(out, ix.reference(q, w, keys, positions, 4, k)), kw
 
 
 def test_bad_variant_is_refused():

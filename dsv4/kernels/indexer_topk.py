@@ -136,7 +136,7 @@ def _head_sum_interleaved(s, BLOCK_Q: tl.constexpr, BLOCK_HI: tl.constexpr, BLOC
 def _head_weight_matrix(w, BLOCK_Q: tl.constexpr, BLOCK_HI: tl.constexpr):
     """The head weights w (BQ, BH) as a block-diagonal ((query, head), column) matrix for `_head_sum_dot`:
     column c holds query c's weights for c < BQ and is zero past it (a dot needs >= 16 columns)."""
-    cols: tl.constexpr = max(16, BLOCK_Q)
+    cols: tl.constexpr = (BLOCK_Q + 15) // 16 * 16  # = max(16, BLOCK_Q) for powers of two
     r = tl.arange(0, BLOCK_Q * BLOCK_HI)
     c = tl.arange(0, cols)
     w_flat = tl.reshape(w, (BLOCK_Q * BLOCK_HI,))
@@ -147,7 +147,7 @@ def _head_weight_matrix(w, BLOCK_Q: tl.constexpr, BLOCK_HI: tl.constexpr):
 def _head_sum_dot(s, w_sum, PREC: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr):
     """sum_h w_h s_h as a second matmul on the tensor cores: s (BN, BQ*BH) in w_sum's dtype (bf16 for bf16 /
     FP8 scoring: rounds the ReLU'd scores and the weights to 8 bits) -> (BN, BQ)."""
-    cols: tl.constexpr = max(16, BLOCK_Q)
+    cols: tl.constexpr = (BLOCK_Q + 15) // 16 * 16
     t = tl.dot(s.to(w_sum.dtype), w_sum, input_precision=PREC)  # (BN, cols), zero past column BQ
     return tl.sum(tl.reshape(t, (BLOCK_N, cols // BLOCK_Q, BLOCK_Q)), axis=1)  # adds exact zeros
 
