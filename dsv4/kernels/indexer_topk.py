@@ -196,8 +196,8 @@ def _collect_kernel(OUT, sob, sos, THR, stb, POS, CAND, scb, scq, CNT, S, N, rat
 
 # Where the scoring kernel's head sum runs (the kernel's LAYOUT), each exact up to fp32 summation order:
 #   "query": rows (query, head) x key columns; the head sum crosses the warps of a warpgroup (shared memory);
-#   "interleaved": rows (head // 16, query, head % 16): with block_q == num_warps each warp holds whole
-#       queries, so the sum is in-thread adds and lane shuffles (`_head_sum_interleaved`);
+#   "interleaved": rows (head // 16, query, head % 16): with block_q == num_warps (its default) each warp
+#       holds whole queries, so the sum is in-thread adds and lane shuffles (`_head_sum_interleaved`);
 #   "key": key rows x (query, head) columns (the queries are the MMA's B operand): the sum runs along a
 #       row, in-thread adds and two lane shuffles.
 SCORE_LAYOUTS = {"query": 0, "interleaved": 1, "key": 2}
@@ -238,7 +238,8 @@ def indexer_topk(q: torch.Tensor, head_w: torch.Tensor, keys: torch.Tensor, posi
     if N == 0:
         return torch.full((B, S, 0), -1, dtype=torch.long, device=q.device)
     BLOCK_HI = max(triton.next_power_of_2(Hi), 16 if layout == "interleaved" else 1)
-    BLOCK_Q = block_q or max(1, 256 // BLOCK_HI)
+    # "interleaved" sums heads within a warp only when each warp holds one query (`_head_sum_interleaved`)
+    BLOCK_Q = block_q or (num_warps if layout == "interleaved" else max(1, 256 // BLOCK_HI))
     BLOCK_Q = max(BLOCK_Q, triton.cdiv(16, BLOCK_HI))  # dot needs >= 16 rows
     BLOCK_DI = max(16 if not fp8 else 32, triton.next_power_of_2(Di))
     pos = positions.to(device=q.device, dtype=torch.int32).contiguous()
