@@ -12,8 +12,11 @@ saves the pool and the position to `--state`, and a second run with the same `--
 weights are re-drawn from the same seed on the same device, so they are the same); the reported prefill
 time is the sum of both runs' prefill time.
 
+Decode replays the step as a CUDA graph (`dsv4.engine.graphs`; eager decode is bound by kernel launches);
+`--no-graph` decodes eagerly to compare. The decode line says which ran ("graph", or "eager" and why).
+
 Usage: python benchmarks/long_context.py [--ctx 1M] [--chunk 8192] [--decode 64] [--experts 8] [--layers 43]
-       [--budget-s 500 --state DIR] [--dry]   (--dry: a tiny model on CPU, a few hundred tokens)
+       [--budget-s 500 --state DIR] [--no-graph] [--dry]   (--dry: a tiny model on CPU, a few hundred tokens)
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from dsv4.analysis import parse_context  # noqa: E402
 from dsv4.config import preset  # noqa: E402
+from dsv4.engine.graphs import DecodeGraphs  # noqa: E402
 from dsv4.kernels.paged_cache import PagedKVCache  # noqa: E402
 from dsv4.model import build_random  # noqa: E402
 from dsv4.paged import PagedBatch  # noqa: E402
@@ -112,6 +116,7 @@ def main(argv=None):
     ap.add_argument("--state", default=None, help="file to save / resume the prefill state")
     ap.add_argument("--curve", default=None, help="JSON lines of per-chunk prefill throughput (+ a PNG)")
     ap.add_argument("--profile", action="store_true", help="profile two decode steps after the timed ones")
+    ap.add_argument("--no-graph", action="store_true", help="decode eagerly instead of replaying a CUDA graph")
     ap.add_argument("--dry", action="store_true", help="tiny model on CPU: checks the script runs")
     args = ap.parse_args(argv)
     device = "cpu" if args.dry else "cuda"
@@ -167,22 +172,25 @@ def main(argv=None):
         emit(phase="prefill_done", prompt=prompt, prefill_s=round(prefill_s, 1), prefill_tok_s=round(prompt / prefill_s),
              peak_gib=peak(), cache_used_gib=gib(sum(used.values())), cache_terms={k: gib(v) for k, v in used.items()})
         # Decode: greedy, one token per step.
+        step = DecodeGraphs(model, pool, enabled=device == "cuda" and not args.no_graph)
         nxt = logits[:, -1].argmax(-1, keepdim=True)
-        nxt = model(nxt, batch)[:, -1].argmax(-1, keepdim=True)  # warm-up: compiles the decode kernels
+        nxt = step(nxt, [slot])[:, -1].argmax(-1, keepdim=True)  # warm-up: compiles the kernels, captures
         sync()
         t = time.perf_counter()
         for _ in range(args.decode):
-            nxt = model(nxt, batch)[:, -1].argmax(-1, keepdim=True)
+            nxt = step(nxt, [slot])[:, -1].argmax(-1, keepdim=True)
         sync()
         dt = time.perf_counter() - t
+        mode = "graph" if any(s.graph is not None for s in step.steps.values()) else \
+            "eager" + (f" ({step.failure})" if step.failure else "")
         emit(phase="decode", ctx=pool.lengths[slot], tokens=args.decode, decode_tok_s=round(args.decode / dt, 2),
-             ms_per_token=round(1000 * dt / args.decode, 1), peak_gib=peak())
+             ms_per_token=round(1000 * dt / args.decode, 1), mode=mode, peak_gib=peak())
         if args.profile:  # where a decode step's time goes (CPU launch overhead vs GPU kernels)
             from torch.profiler import ProfilerActivity, profile
             acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
             with profile(activities=acts) as prof:
                 for _ in range(2):
-                    nxt = model(nxt, batch)[:, -1].argmax(-1, keepdim=True)
+                    nxt = step(nxt, [slot])[:, -1].argmax(-1, keepdim=True)
                 sync()
             key = "cuda_time_total" if device == "cuda" else "cpu_time_total"
             print(prof.key_averages().table(sort_by=key, row_limit=30), flush=True)

@@ -86,6 +86,7 @@ class DecodeGraphs:
         self.mem_pool = None  # one graph memory pool shared by every capture
         self.failure: str | None = None  # why the last refused capture was refused
 
+    @torch.inference_mode()  # static inputs and outputs are inference tensors, created and written in it
     def __call__(self, ids: torch.Tensor, slots: list[int]) -> torch.Tensor:
         """One decode step: ids (B, 1) on the model's device, row b continuing `slots[b]` -> logits (B, 1, V)."""
         max_positions = self.model.config.max_position_embeddings
@@ -94,20 +95,20 @@ class DecodeGraphs:
         starts = batch.starts()
         B, bucket = len(slots), capacity_bucket(max(starts) + 1, self.min_bucket, max_positions)
         step = self.steps.get((B, bucket)) or self._new_step(B, bucket)
-        # Host -> device copies of this step's inputs, then the blocks it writes: all before the replay.
+        # This step's inputs into the static tensors, the blocks it writes allocated: all before the replay.
         step.ids.copy_(ids)
         step.batch.slot_ids.copy_(torch.tensor(slots), non_blocking=True)
         step.batch.pos.copy_(torch.tensor(starts)[:, None], non_blocking=True)
         step.batch.slots = batch.slots  # read by the reference backend's (eager-only) attention
         batch.reserve_decode()
-        with torch.inference_mode():
-            if self._graphable() and step.graph is None and not step.eager:
-                self._capture(step)
-            if step.graph is not None and self._graphable():
-                step.graph.replay()
-                logits = step.logits.clone()  # the next replay overwrites the graph's output
-            else:
-                logits = decode_step(self.model, step.ids, step.batch)
+        graphable = self._graphable()
+        if graphable and step.graph is None and not step.eager:
+            self._capture(step)
+        if graphable and step.graph is not None:
+            step.graph.replay()
+            logits = step.logits.clone()  # the next replay overwrites the graph's output
+        else:
+            logits = decode_step(self.model, step.ids, step.batch)
         batch.pos = step.batch.pos
         batch.advance()
         return logits
