@@ -50,6 +50,7 @@ VARIANTS = {
     "fp8_query": dict(fp8=True),
     "fp8_interleaved_q4_n64_w4": dict(fp8=True, layout="interleaved", block_q=4, block_n=64, num_warps=4),
     "fp8_key_q4_n128_w8": dict(fp8=True, layout="key", block_q=4, block_n=128, num_warps=8),
+    "fp8_interleaved_q4_n32_w4": dict(fp8=True, layout="interleaved", block_q=4, block_n=32, num_warps=4),
 }
 
 
