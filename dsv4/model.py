@@ -18,6 +18,7 @@ from .config import Config, yarn_inv_freq
 from .hooks import TrainStep
 from .layers import Linear, RMSNorm
 from .mhc import hc_head_collapse
+from .moe import Experts
 from .mtp import MTP
 from .paged import PagedBatch
 
@@ -200,9 +201,19 @@ def init_weights(model: Transformer, seed: int = 0) -> Transformer:
     c = model.config
     device = model.embed.weight.device
     gen = torch.Generator(device=device).manual_seed(seed)
+    stacked = {id(getattr(m, w)): m for m in model.modules() if isinstance(m, Experts) for w in Experts.MATRICES}
     for name, p in model.named_parameters():
         leaf = name.rsplit(".", 1)[-1]
-        if name.endswith("norm.weight") or leaf.endswith("_scale"):
+        if id(p) in stacked:
+            if leaf == Experts.MATRICES[0]:
+                # expert by expert (its w1, w2, w3, then the next): a seed gives the weights it gave when each
+                # expert was a module of its own
+                experts = stacked[id(p)]
+                for e in range(p.shape[0]):
+                    for w in Experts.MATRICES:
+                        m = getattr(experts, w)[e]
+                        m.copy_(torch.randn(m.shape, generator=gen, device=device) * c.initializer_range)
+        elif name.endswith("norm.weight") or leaf.endswith("_scale"):
             p.fill_(1.0)
         elif leaf.endswith("_base") or leaf in ("ape", "attn_sink"):
             p.zero_()

@@ -8,7 +8,8 @@ Layout over one process group of N ranks (NCCL on GPUs, gloo on CPU):
                     (`fully_shard` per trunk block, then the root with embedding, head and MTP block), gradients
                     averaged over ranks. The lightning indexers are replicated instead (see below).
   expert parallel   the routed experts of every MoE layer are split: rank r keeps experts
-                    [r E/N, (r+1) E/N) and drops the rest. Dispatch is an all-gather of the tokens, their
+                    [r E/N, (r+1) E/N) and drops the rest (`ExpertShard`: the stacked w1/w2/w3 become DTensors
+                    sharded along the expert dim). Dispatch is an all-gather of the tokens, their
                     routing weights and indices; each rank runs its own experts on every token routed to
                     them, and an all-reduce sums the partial outputs, of which each rank keeps its rows.
                     (Simple and exact; an all-to-all dispatch that moves only routed tokens is the
@@ -36,7 +37,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dsv4.moe import MoE
+from dsv4.moe import Experts, MoE, expert_key
 
 
 def launched_by_torchrun() -> bool:
@@ -76,7 +77,6 @@ class Parallel:
         from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
         from dsv4.compressor import Indexer
-        from dsv4.moe import MoE
 
         self._expert_params = []  # of this model (a process may build several Trainers)
         if self.expert_parallel:
@@ -98,14 +98,11 @@ class Parallel:
         per = n_experts // self.world
         return self.rank * per, (self.rank + 1) * per
 
-    def _shard_experts(self, moe: nn.Module) -> None:
+    def _shard_experts(self, moe: MoE) -> None:
         lo, hi = self.expert_range(moe.n_experts)
-        for e in range(moe.n_experts):
-            if not lo <= e < hi:
-                moe.experts[e] = nn.Module()  # dropped: another rank owns it
-            else:
-                self._expert_params += list(moe.experts[e].parameters())
-        moe._ep = (self, lo, hi)
+        moe.experts = ExpertShard(moe.experts, lo, hi, self.mesh)
+        self._expert_params += list(moe.experts.parameters())
+        moe._ep = self
         moe.routed = types.MethodType(_expert_parallel_routed, moe)
 
     # ------------------------------------------------------------------ collectives
@@ -186,49 +183,28 @@ class Parallel:
     # ------------------------------------------------------------------ state
     @torch.no_grad()
     def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """The whole model's state dict (CPU tensors) on every rank: shards gathered, experts from owners."""
-        from dsv4.moe import MoE
-
+        """The whole model's state dict (CPU tensors) on every rank: shards gathered, experts too."""
         sd = {}
         for name, t in model.state_dict().items():
             if self.expert_parallel and _is_routed_expert(name):
-                continue
+                continue  # this rank's experts only: gathered whole below
             sd[name] = (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().cpu()
-        for prefix, moe in ((n, m) for n, m in model.named_modules() if isinstance(m, MoE) and hasattr(m, "_ep")):
-            _, lo, hi = moe._ep
-            template = next(moe.experts[lo].parameters())  # every expert has the same shapes per matrix
-            for e in range(moe.n_experts):
-                owner = e // (moe.n_experts // self.world)
-                for w in ("w1", "w2", "w3"):
-                    key = f"{prefix}.experts.{e}.{w}.weight"
-                    if lo <= e < hi:
-                        t = getattr(moe.experts[e], w).weight.detach().contiguous()
-                    else:
-                        shape = getattr(moe.experts[lo], w).weight.shape
-                        t = torch.empty(shape, dtype=template.dtype, device=template.device)
-                    dist.broadcast(t, src=owner)
-                    sd[key] = t.cpu()
+        for prefix, experts in ((n, m) for n, m in model.named_modules() if isinstance(m, ExpertShard)):
+            for matrix in Experts.MATRICES:
+                whole = getattr(experts, matrix).full_tensor().detach().cpu()  # (E, out, in)
+                sd.update({expert_key(f"{prefix}.", e, matrix): w for e, w in enumerate(whole.unbind(0))})
         return sd
 
     @torch.no_grad()
     def full_optimizer_state(self, model: nn.Module, optimizer) -> dict[str, dict]:
-        """The optimizer's state by parameter name, whole tensors on CPU, on every rank (shards gathered,
-        the experts' from their owners), so that any number of ranks can load it (`place_like`)."""
+        """The optimizer's state by parameter name, whole tensors on CPU, on every rank (shards gathered, the
+        experts' too), so that any number of ranks can load it (`place_like`)."""
         state = optimizer.state
-        experts = {id(p) for p in self._expert_params}
-        out, owned = {}, {}
-        for name, p in model.named_parameters():
-            # Every rank has state for the same non-expert parameters (their gradients are reduced over ranks),
-            # so the collectives of `full_tensor` line up; an expert's state lives on its owner only.
-            if state.get(p):
-                (owned if id(p) in experts else out)[name] = {
-                    k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu() if torch.is_tensor(v)
-                    else v for k, v in state[p].items()}
-        parts = [None] * self.world
-        dist.all_gather_object(parts, owned)
-        for part in parts:
-            out.update(part)
-        return out
+        # Every rank has state for the same parameters (the experts' included: every rank's shard of them gets a
+        # gradient, zero where no token came), in the same order, so the collectives of `full_tensor` line up.
+        return {name: {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu()
+                       if torch.is_tensor(v) else v for k, v in state[p].items()}
+                for name, p in model.named_parameters() if state.get(p)}
 
     @torch.no_grad()
     def load_full_state_dict(self, model: nn.Module, sd: dict[str, torch.Tensor]) -> None:
@@ -257,6 +233,28 @@ def place_like(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     return shard_like(full, param) if hasattr(param, "device_mesh") else full
 
 
+class ExpertShard(Experts):
+    """Experts [lo, hi) of a layer's `Experts`, the rest dropped: w1/w2/w3 are DTensors sharded along the expert
+    dim over the mesh (rank r holds rows [r E/N, (r+1) E/N), as `Parallel.expert_range` splits them). Their global
+    shape is the whole layer's, so the optimizer state saved whole by name is cut back to this rank by
+    `place_like` like an FSDP shard's, and Muon orthogonalises each local matrix where it lies. The state dict
+    holds this rank's experts under their official keys (`Experts.local` gives the plain local rows)."""
+
+    holds_all = False
+
+    def __init__(self, whole: Experts, lo: int, hi: int, mesh):
+        from torch.distributed.tensor import DTensor, Shard
+
+        super().__init__(hi - lo, whole.w1.shape[2], whole.w1.shape[1], whole.limit)
+        self.first = lo
+        for matrix in self.MATRICES:
+            rows = getattr(whole, matrix).detach()[lo:hi].clone()
+            setattr(self, matrix, nn.Parameter(DTensor.from_local(rows, mesh, [Shard(0)], run_check=False)))
+
+    def local(self, matrix: str) -> torch.Tensor:
+        return getattr(self, matrix).to_local()
+
+
 def _is_routed_expert(name: str) -> bool:
     return ".shared_experts." not in name and ".experts." in name
 
@@ -266,7 +264,7 @@ def _expert_parallel_routed(self, x: torch.Tensor, weights: torch.Tensor, indice
     """MoE.routed over the ranks: x (N, d) local tokens -> (N, d) routed output (see the module docstring)."""
     import torch.distributed.nn.functional as dnn
 
-    par, lo, hi = self._ep
+    par = self._ep
     N = x.shape[0]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.distributed.nn's autograd collectives
@@ -275,6 +273,6 @@ def _expert_parallel_routed(self, x: torch.Tensor, weights: torch.Tensor, indice
         ids = [torch.empty_like(indices) for _ in range(par.world)]
         dist.all_gather(ids, indices.contiguous())
         ids = torch.cat(ids)
-        out = MoE.routed(self, xs, ws, ids, fp4, owned=range(lo, hi))
+        out = self.experts(xs, ws, ids, fp4)  # this rank's experts (an ExpertShard) only
         out = dnn.all_reduce(out)
     return out[par.rank * N:(par.rank + 1) * N]
