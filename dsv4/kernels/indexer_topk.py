@@ -212,9 +212,9 @@ def quantize_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def indexer_topk(q: torch.Tensor, head_w: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor, ratio: int,
-                 k: int, key_budget: int = 1 << 27, block_q: int | None = None, block_n: int = 128,
-                 fp8: bool = False, n_split: int | None = None, num_warps: int = 8, num_stages: int = 2,
-                 candidates: bool = False, layout: str = "query", head_dot: bool = False) -> torch.Tensor:
+                 k: int, key_budget: int = 1 << 27, block_q: int | None = None, block_n: int = 64,
+                 fp8: bool = False, n_split: int | None = None, num_warps: int = 4, num_stages: int = 2,
+                 candidates: bool = True, layout: str = "key", head_dot: bool = False) -> torch.Tensor:
     """Same contract as `reference`; head_w fp32 (B, S, Hi); positions (S,).
 
     `fp8`: the scores on the FP8 tensor cores, as the release's indexer runs them: q per (query, head) and the
@@ -227,7 +227,11 @@ def indexer_topk(q: torch.Tensor, head_w: torch.Tensor, keys: torch.Tensor, posi
     `layout` of the scoring matmul's accumulator, i.e. where the sum over heads runs (`SCORE_LAYOUTS`);
     `head_dot` (layout "key" only) does that sum as a second matmul, with the ReLU'd scores and the head
     weights rounded to bf16 for bf16 / FP8 inputs: 8 mantissa bits instead of fp32 adds, so near-equal keys
-    may swap (opt-in; exact for fp32 inputs up to summation order)."""
+    may swap (opt-in; exact for fp32 inputs up to summation order).
+
+    Defaults (layout "key", 4 queries x 64-key tiles, 4 warps, candidates): the fastest set of the H100 sweep
+    that keeps fp32 head sums (`benchmarks/tune_indexer_prefill.py`, 8,192 queries x 32K keys: scoring 8.2 ms
+    vs 20.3 ms for the earlier "query" layout, whole call 12.6 vs 24.5 ms; benchmarks/RESULTS.md)."""
     if layout not in SCORE_LAYOUTS:
         raise ValueError(f"layout={layout!r}: use one of {sorted(SCORE_LAYOUTS)}")
     if head_dot and layout != "key":
