@@ -21,6 +21,8 @@ Outputs, keyed by layer id (so a recomputed block overwrites, never double count
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass, field
 
 import torch
@@ -47,6 +49,13 @@ class TrainStep:
             raise ValueError(f"TrainStep.attention must be 'sparse' or 'dense', got {self.attention!r}")
 
 
+@functools.lru_cache(maxsize=None)
+def _e2m1_grid(device: torch.device) -> torch.Tensor:
+    """The E2M1 magnitudes on `device`, made once: building them from a Python list is a host-to-device copy,
+    i.e. a host synchronisation on every FP4 call (MoE's sync-free training path would lose it)."""
+    return torch.tensor(_E2M1, device=device)
+
+
 def fake_quant_fp4(x: torch.Tensor, block: int = 32) -> torch.Tensor:
     """Round x to FP4 (E2M1) with one power-of-two scale per `block` values of the last dim (the release's
     1x32 blocks, ue8m0 scales); the gradient passes straight through (STE). A last dim that `block` does
@@ -57,7 +66,7 @@ def fake_quant_fp4(x: torch.Tensor, block: int = 32) -> torch.Tensor:
     amax = xb.abs().amax(-1, keepdim=True).clamp(min=1e-30)
     scale = torch.exp2(torch.ceil(torch.log2(amax / 6.0)))  # smallest power of two with amax / scale <= 6
     y = xb / scale
-    grid = torch.tensor(_E2M1, device=x.device)
+    grid = _e2m1_grid(x.device)
     idx = torch.bucketize(y.abs(), (grid[1:] + grid[:-1]) / 2)  # nearest grid point
     q = (grid[idx] * y.sign() * scale).flatten(-2).to(x.dtype)
     return x + (q - x).detach()

@@ -69,17 +69,20 @@ def runner_step(model, enabled, runners=None):
 
 
 def contents(pool):
-    """Every pool tensor as numbers: FP8 records and index keys dequantised, the fp32 state as is."""
+    """Every pool tensor as numbers: FP8 records and index keys dequantised, the fp32 state as is. The scratch
+    rows are left out: every row that finishes no block writes its discarded entry there in the same step, so on
+    a GPU which of them lands is arbitrary (nothing reads it)."""
     D, rd = CONFIG.head_dim, CONFIG.qk_rope_head_dim
     out = {}
     for i in pool.layer_ids:
         out[f"window.{i}"] = fp8_kv.dequantize(*fp8_kv.views(pool.window[i].view(-1, pool.entry_bytes), D, rd),
                                                dtype=torch.float32)
         if i in pool.entries:
-            out[f"entries.{i}"] = fp8_kv.dequantize(*fp8_kv.views(pool.entries[i], D, rd), dtype=torch.float32)
+            used = pool.groups[pool.ratios[i]].scratch_row
+            out[f"entries.{i}"] = fp8_kv.dequantize(*fp8_kv.views(pool.entries[i][:used], D, rd), dtype=torch.float32)
             out[f"state.{i}"] = pool.state[i]
         if i in pool.keys:
-            out[f"keys.{i}"] = pool.dequantize_index_keys(pool.keys[i])
+            out[f"keys.{i}"] = pool.dequantize_index_keys(pool.keys[i][:pool.groups[4].scratch_row])
     return out
 
 
