@@ -232,6 +232,34 @@ def test_resume_reads_the_earlier_optimizer_format(tmp_path):
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+def test_resume_reads_per_expert_optimizer_state(tmp_path):
+    """Checkpoints written before the routed experts were stacked keep their optimizer state per expert
+    (`...experts.3.w1.weight`): it is stacked onto `...experts.w1`, so Muon's momentum survives the resume."""
+    cfg = small_config(steps=4, checkpoint_every=2)
+    whole = make_trainer(cfg, tmp_path / "whole")
+    whole.run(steps=2, progress=False)
+    old = tmp_path / "old"
+    shutil.copytree(whole.out, old)
+    state_file = old / "checkpoints" / "step_0000002" / "train_state.pt"
+    state = torch.load(state_file, weights_only=False)
+    per_expert = {}
+    for name, st in state["optimizer_state"].items():
+        prefix, _, w = name.rpartition(".")
+        if prefix.endswith(".experts") and w in ("w1", "w2", "w3"):
+            for e, buf in enumerate(st["momentum_buffer"]):
+                per_expert[f"{prefix}.{e}.{w}.weight"] = {"momentum_buffer": buf.clone()}
+        else:
+            per_expert[name] = st
+    assert len(per_expert) > len(state["optimizer_state"])  # the model has stacked experts with state
+    torch.save({**state, "optimizer_state": per_expert}, state_file)
+    last = whole.run(progress=False)[-1]
+    resumed = make_trainer(cfg, old)
+    assert resumed.resume() and resumed.step == 2
+    assert resumed.run(progress=False)[-1]["loss"] == last["loss"]
+    sa, sb = whole.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
 def test_resume_with_a_different_config_is_a_clear_error(tmp_path):
     cfg = small_config(steps=2, checkpoint_every=2)
     make_trainer(cfg, tmp_path).run(progress=False)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import time
 from contextlib import nullcontext
@@ -400,6 +401,8 @@ class Trainer:
         owner = {id(p): opt for opt in self.optimizer.optimizers.values() for g in opt.param_groups
                  for p in g["params"]}
         for name, p in self.model.named_parameters():
+            if name not in saved and _STACKED_EXPERT.search(name):
+                saved = {**saved, name: _stack_expert_state(saved, name, p.shape[0])}
             if name in saved and id(p) in owner:
                 owner[id(p)].state[p] = {k: place_like(v, p) if torch.is_tensor(v) and v.shape == p.shape else v
                                          for k, v in saved[name].items()}
@@ -424,6 +427,25 @@ class Trainer:
             raise CheckpointMismatch(
                 f"cannot resume from {path}: the config does not match the checkpoint:\n  " + "\n  ".join(diff)
                 + "\nuse the checkpoint's train_config.json, or a new --out folder to start afresh")
+
+
+_STACKED_EXPERT = re.compile(r"\.experts\.(w1|w2|w3)$")
+
+
+def _stack_expert_state(saved: dict[str, dict], name: str, n_experts: int) -> dict:
+    """Optimizer state of a stacked expert parameter (`...experts.w1`, (E, out, in)) from a checkpoint written
+    before the experts were stacked, which keeps it per expert (`...experts.{e}.w1.weight`): each tensor stacked
+    over e, the rest as saved. Empty when the checkpoint has none of them (the state then starts afresh)."""
+    prefix, w = name.rsplit(".", 1)
+    per_expert = [saved.get(f"{prefix}.{e}.{w}.weight") for e in range(n_experts)]
+    if not any(per_expert):
+        return {}
+    if not all(per_expert):
+        missing = [e for e, st in enumerate(per_expert) if not st]
+        raise CheckpointMismatch(f"optimizer state of {name}: the checkpoint has experts {prefix}.N.{w}.weight "
+                                 f"for some N but not for {missing}")
+    return {k: torch.stack([st[k] for st in per_expert]) if torch.is_tensor(v) else v
+            for k, v in per_expert[0].items()}
 
 
 class _StateOnly:
