@@ -89,16 +89,9 @@ class Transformer(nn.Module):
             views = cache
         else:
             views = self._views(input_ids, cache, doc_ids, lambda c: c.length)
-        h = self.embed(input_ids)
-        x = h.unsqueeze(2).expand(-1, -1, self.config.hc_mult, -1).contiguous()  # (B, S, n_hc, d)
-        for layer in self.layers:
-            inv_freq = self.inv_freq_compress if layer.attn.ratio else self.inv_freq_main
-            if step is not None and step.checkpoint and torch.is_grad_enabled():
-                if cache is not None:
-                    raise ValueError("activation checkpointing is for training (no cache)")
-                x = checkpoint(_fresh_layer, layer, x, input_ids, views, inv_freq, step, use_reentrant=False)
-            else:
-                x = layer(x, input_ids, views, inv_freq, step)
+        if step is not None and step.checkpoint and torch.is_grad_enabled() and cache is not None:
+            raise ValueError("activation checkpointing is for training (no cache)")
+        x = self.streams(input_ids, views, step)
         if isinstance(views, PagedBatch):
             views.advance()
         else:
@@ -106,6 +99,19 @@ class Transformer(nn.Module):
                 v.cache.length = int(v.positions[-1]) + 1
         logits = self.logits(x[:, -1:] if last_only else x)
         return (logits, x) if return_hidden else logits
+
+    def streams(self, input_ids: torch.Tensor, views, step: TrainStep | None = None) -> torch.Tensor:
+        """Embedding and every layer, nothing else: input_ids (B, S) over prepared cache `views` -> the final
+        streams (B, S, n_hc, d). `forward` wraps it with its checks and cache bookkeeping; a captured decode
+        step (`dsv4.engine.graphs`) calls it alone, since those sync with the host."""
+        x = self.embed(input_ids).unsqueeze(2).expand(-1, -1, self.config.hc_mult, -1).contiguous()
+        for layer in self.layers:
+            inv_freq = self.inv_freq_compress if layer.attn.ratio else self.inv_freq_main
+            if step is not None and step.checkpoint and torch.is_grad_enabled():
+                x = checkpoint(_fresh_layer, layer, x, input_ids, views, inv_freq, step, use_reentrant=False)
+            else:
+                x = layer(x, input_ids, views, inv_freq, step)
+        return x
 
     def mtp_logits(self, hidden: torch.Tensor, next_ids: torch.Tensor, cache: KVCache | list[KVCache] | None = None,
                    doc_ids: torch.Tensor | None = None, depth: int = 0, step: TrainStep | None = None) -> torch.Tensor:

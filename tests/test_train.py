@@ -371,3 +371,26 @@ def test_tiny_run_on_the_bundled_corpus_learns(tmp_path):
     first, last = recs[0]["loss"], sum(r["loss"] for r in recs[-5:]) / 5
     assert first - last > 0.4, (first, last)
     assert recs[-1]["val_loss"] < first - 0.4
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    """`TrainStep.checkpoint` recomputes each layer in the backward instead of keeping its activations: the
+    loss, every gradient and the measurements (balance loss, indexer KL) must equal the plain pass's."""
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny"))
+    ids = torch.randint(0, model.config.vocab_size, (2, 48))
+    doc_ids = torch.cat([torch.zeros(2, 20, dtype=torch.long), torch.ones(2, 28, dtype=torch.long)], dim=1)
+    results = []
+    for checkpoint in (False, True):
+        model.zero_grad()
+        step = TrainStep(indexer_loss=True, fp4_experts=True, checkpoint=checkpoint)
+        loss = model(ids, doc_ids=doc_ids, step=step).logsumexp(-1).mean()
+        aux = sum(v.sum() for v in step.balance_loss.values())
+        (loss + aux).backward()
+        results.append((loss.detach(), aux.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                                       if p.grad is not None}))
+    (l0, a0, g0), (l1, a1, g1) = results
+    assert torch.equal(l0, l1) and torch.allclose(a0, a1)
+    assert g0.keys() == g1.keys() and len(g0) > 20
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], rtol=1e-5, atol=1e-6, msg=name)

@@ -47,11 +47,7 @@ class GraphCaptureError(RuntimeError):
 def decode_step(model: Transformer, ids: torch.Tensor, batch: PagedBatch) -> torch.Tensor:
     """`Transformer.forward` over a decode `PagedBatch` whose device inputs are set, without its host checks
     and bookkeeping (they sync with the device, and run outside the graph): ids (B, 1) -> logits (B, 1, V)."""
-    x = model.embed(ids).unsqueeze(2).expand(-1, -1, model.config.hc_mult, -1).contiguous()  # (B, 1, n_hc, d)
-    for layer in model.layers:
-        inv_freq = model.inv_freq_compress if layer.attn.ratio else model.inv_freq_main
-        x = layer(x, ids, batch, inv_freq)
-    return model.logits(x)
+    return model.logits(model.streams(ids, batch))
 
 
 def capacity_bucket(n: int, min_bucket: int, limit: int) -> int:
