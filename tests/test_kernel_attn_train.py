@@ -126,20 +126,26 @@ def test_only_some_inputs_need_grad():
 
 @runs_kernels
 def test_seam_trains_through_the_kernel(monkeypatch):
-    """While autograd records and the kernel is enabled, the seam takes the trainable kernel on the Triton
-    path; not when it is off (the default), not without autograd (the forward-only kernel) nor under the FP8
-    KV simulation (kept on the reference)."""
+    """While autograd records, the seam takes the trainable kernel on the Triton path (the default); not when
+    it is switched off (`use_train_kernel(False)`, DSV4_TRAIN_KERNEL=0), not without autograd (the forward-only
+    kernel) nor under the FP8 KV simulation (kept on the reference)."""
     calls = []
     real = sat.sparse_attention_train
     monkeypatch.setattr(sat, "sparse_attention_train", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.delenv("DSV4_TRAIN_KERNEL", raising=False)
     args, weight = make_inputs("hca_batch2_cached")
     args = on_device(args)
+    with kernels.use("triton"), kernels.use_train_kernel(False):
+        grads(kernels.sparse_attention, args, weight.to(DEVICE))
+        assert not calls  # switched off
+    monkeypatch.setenv("DSV4_TRAIN_KERNEL", "0")
     with kernels.use("triton"):
         grads(kernels.sparse_attention, args, weight.to(DEVICE))
-        assert not calls  # off by default
-    with kernels.use("triton"), kernels.use_train_kernel():
+        assert not calls  # switched off by the environment
+    monkeypatch.delenv("DSV4_TRAIN_KERNEL")
+    with kernels.use("triton"):
         ours = grads(kernels.sparse_attention, args, weight.to(DEVICE))
-        assert len(calls) == 1
+        assert len(calls) == 1  # on by default
         with torch.no_grad():
             kernels.sparse_attention(*args)  # inference: the forward-only kernel
         assert len(calls) == 1
