@@ -100,10 +100,10 @@ DECODE_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(DECODE_CASES))
-def test_decode_attention_matches_reference(case):
-    B, H, D, N, k, ratio, window, L, kwargs = DECODE_CASES[case]
-    gen = torch.Generator().manual_seed(len(case))
+def dense_decode_case(B, H, D, N, k, ratio, window, L, seed):
+    """One decode query per sequence after L window rows, N dense entries, top-k k (None: HCA) -> (the seam's
+    arguments on DEVICE, the reference's output)."""
+    gen = torch.Generator().manual_seed(seed)
     positions = torch.tensor([ratio * N + 2]) if N else torch.tensor([L - 1])
     q = torch.randn(B, 1, H, D, generator=gen).to(DTYPE)
     window_kv = torch.randn(B, L, D, generator=gen).to(DTYPE)
@@ -111,8 +111,13 @@ def test_decode_attention_matches_reference(case):
     topk = random_topk(gen, B, 1, N, k, (positions + 1) // ratio) if k else None
     sink = torch.randn(H, generator=gen)
     args = (q, window_kv, positions, compressed, topk, ratio, sink, D ** -0.5, window)
-    ref = attention_reference(*args)
-    dev = [a.to(DEVICE) if isinstance(a, torch.Tensor) else a for a in args]
+    return [a.to(DEVICE) if isinstance(a, torch.Tensor) else a for a in args], attention_reference(*args)
+
+
+@pytest.mark.parametrize("case", sorted(DECODE_CASES))
+def test_decode_attention_matches_reference(case):
+    *shape, kwargs = DECODE_CASES[case]
+    dev, ref = dense_decode_case(*shape, seed=len(case))
     out = torch.full_like(dev[0], float("nan"))
     out = da.sparse_attention_decode(*dev, out=out, **kwargs)
     assert not out.isnan().any()
@@ -161,11 +166,12 @@ def _paged_setup(config, lengths, gen, index_keys="fp8"):
     return cache, slots, truth
 
 
-def test_paged_fp8_decode_ragged_batch():
-    """Decode for 3 sequences of different lengths from the paged FP8 pool (ring window + block tables),
-    dequantised in the kernel, vs the reference on the dequantised entries."""
+def paged_decode_cases(seed: int):
+    """3 sequences of different lengths in the paged FP8 pool (ring window + shuffled block tables), CSA, HCA and
+    window-only layers -> per layer (layer, `attend_decode` args, kwargs, per row the reference's output on the
+    dequantised entries)."""
     config = preset("tiny").replace(compress_ratios=[4, 128, 0, 4], index_topk=6)
-    gen = torch.Generator().manual_seed(7)
+    gen = torch.Generator().manual_seed(seed)
     lengths = [300, 141, 9]
     cache, slots, truth = _paged_setup(config, lengths, gen)
     H, D, rd, W = config.num_attention_heads, config.head_dim, config.qk_rope_head_dim, config.sliding_window
@@ -182,13 +188,23 @@ def test_paged_fp8_decode_ragged_batch():
         args = (q, pos, sink, D ** -0.5, W, cache.window_source(layer, slots), zeros, zeros)
         kw = dict(win_ring=W, comp=cache.entry_source(layer, slots) if r else None, n_comp=n_comp,
                   max_comp=int(n_comp.max()), topk=topk, ratio=max(r, 1), rope_dim=rd)
-        outs = [sa.attend(*args, **kw, n_split=2), da.attend_decode(*args, **kw, chunk=16),
-                da.attend_decode(*args, **kw, chunk=32, block_n=32, block_h=32)]  # decode kernel, wider tiles
+        refs = []
         for i, n in enumerate(lengths):
             win, ent = (fp8_kv.fake_quantize(t.float(), rd).to(DTYPE).cpu() for t in truth[i][layer])
-            ref = attention_reference(q[i:i + 1].cpu(), win[None, -(W - 1) - 1:], torch.tensor([n - 1]),
-                                      ent[None] if r else None, topk[i:i + 1].cpu() if topk is not None else None,
-                                      max(r, 1), sink.cpu(), D ** -0.5, W)
+            refs.append(attention_reference(q[i:i + 1].cpu(), win[None, -(W - 1) - 1:], torch.tensor([n - 1]),
+                                            ent[None] if r else None,
+                                            topk[i:i + 1].cpu() if topk is not None else None,
+                                            max(r, 1), sink.cpu(), D ** -0.5, W))
+        yield layer, args, kw, refs
+
+
+def test_paged_fp8_decode_ragged_batch():
+    """Decode for 3 sequences of different lengths from the paged FP8 pool (ring window + block tables),
+    dequantised in the kernel, vs the reference on the dequantised entries."""
+    for layer, args, kw, refs in paged_decode_cases(seed=7):
+        outs = [sa.attend(*args, **kw, n_split=2), da.attend_decode(*args, **kw, chunk=16),
+                da.attend_decode(*args, **kw, chunk=32, block_n=32, block_h=32)]  # decode kernel, wider tiles
+        for i, ref in enumerate(refs):
             for out in outs:
                 assert rel_err(out[i:i + 1].cpu(), ref) < TOL, (layer, i)
 
@@ -207,6 +223,11 @@ def _fp8_source(x: torch.Tensor, rope_dim: int):
 def test_decode_fp8_records_split_operands(D, rope):
     """FP8 records whose E4M3 part spans several 64-dim scale groups (a partial last one too), the RoPE dims
     as the second dot operand: HCA and CSA decode vs the reference on the dequantised rows."""
+    check_fp8_records_decode(D, rope)
+
+
+def check_fp8_records_decode(D: int, rope: int, **tiles) -> None:
+    """`attend_decode(**tiles)` on FP8 records of D dims (rope of them BF16), HCA and CSA, vs the reference."""
     gen = torch.Generator().manual_seed(D)
     B, H, N, W, L = 2, 4, 37, 8, 8
     win_x, comp_x = torch.randn(B, L, D, generator=gen), torch.randn(B, N, D, generator=gen) * 3
@@ -222,7 +243,7 @@ def test_decode_fp8_records_split_operands(D, rope):
         ref = attention_reference(q, win_ref, pos, comp_ref, topk, 4, sink, D ** -0.5, W)
         out = da.attend_decode(q.to(DEVICE), p32, sink.to(DEVICE), D ** -0.5, W, win, pos0, pos0, comp=comp,
                                n_comp=n_comp, max_comp=N, topk=None if topk is None else topk.int().to(DEVICE),
-                               ratio=4, rope_dim=rope, chunk=16)
+                               ratio=4, rope_dim=rope, chunk=16, **tiles)
         assert rel_err(out.cpu(), ref) < TOL
 
 

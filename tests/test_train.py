@@ -212,52 +212,48 @@ def test_resume_equals_uninterrupted_bitwise(tmp_path):
     assert (tmp_path / "part" / "loss.png").stat().st_size > 1000
 
 
-def test_resume_reads_the_earlier_optimizer_format(tmp_path):
-    """Checkpoints written before the optimizer state was kept by parameter name hold `Optimizer.state_dict()`
-    (one file per rank): they still resume, with the number of processes that wrote them."""
+def resumes_like_uninterrupted(tmp_path, rewrite) -> None:
+    """Train 2 of 4 steps; `rewrite(state, trainer)` turns the step-2 checkpoint's train state into an older
+    format (before the run steps on); resuming it must reach the uninterrupted run's loss and weights."""
     cfg = small_config(steps=4, checkpoint_every=2)
     whole = make_trainer(cfg, tmp_path / "whole")
     whole.run(steps=2, progress=False)
     old = tmp_path / "old"
     shutil.copytree(whole.out, old)
     state_file = old / "checkpoints" / "step_0000002" / "train_state.pt"
-    state = torch.load(state_file, weights_only=False)
-    del state["optimizer_state"]
-    torch.save({**state, "optimizer": whole.optimizer.state_dict()}, state_file)  # before it steps on
+    torch.save(rewrite(torch.load(state_file, weights_only=False), whole), state_file)
     last = whole.run(progress=False)[-1]
     resumed = make_trainer(cfg, old)
     assert resumed.resume() and resumed.step == 2
     assert resumed.run(progress=False)[-1]["loss"] == last["loss"]
     sa, sb = whole.model.state_dict(), resumed.model.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_resume_reads_the_earlier_optimizer_format(tmp_path):
+    """Checkpoints written before the optimizer state was kept by parameter name hold `Optimizer.state_dict()`
+    (one file per rank): they still resume, with the number of processes that wrote them."""
+    def by_rank(state, trainer):
+        del state["optimizer_state"]
+        return {**state, "optimizer": trainer.optimizer.state_dict()}
+    resumes_like_uninterrupted(tmp_path, by_rank)
 
 
 def test_resume_reads_per_expert_optimizer_state(tmp_path):
     """Checkpoints written before the routed experts were stacked keep their optimizer state per expert
     (`...experts.3.w1.weight`): it is stacked onto `...experts.w1`, so Muon's momentum survives the resume."""
-    cfg = small_config(steps=4, checkpoint_every=2)
-    whole = make_trainer(cfg, tmp_path / "whole")
-    whole.run(steps=2, progress=False)
-    old = tmp_path / "old"
-    shutil.copytree(whole.out, old)
-    state_file = old / "checkpoints" / "step_0000002" / "train_state.pt"
-    state = torch.load(state_file, weights_only=False)
-    per_expert = {}
-    for name, st in state["optimizer_state"].items():
-        prefix, _, w = name.rpartition(".")
-        if prefix.endswith(".experts") and w in ("w1", "w2", "w3"):
-            for e, buf in enumerate(st["momentum_buffer"]):
-                per_expert[f"{prefix}.{e}.{w}.weight"] = {"momentum_buffer": buf.clone()}
-        else:
-            per_expert[name] = st
-    assert len(per_expert) > len(state["optimizer_state"])  # the model has stacked experts with state
-    torch.save({**state, "optimizer_state": per_expert}, state_file)
-    last = whole.run(progress=False)[-1]
-    resumed = make_trainer(cfg, old)
-    assert resumed.resume() and resumed.step == 2
-    assert resumed.run(progress=False)[-1]["loss"] == last["loss"]
-    sa, sb = whole.model.state_dict(), resumed.model.state_dict()
-    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    def per_expert(state, trainer):
+        out = {}
+        for name, st in state["optimizer_state"].items():
+            prefix, _, w = name.rpartition(".")
+            if prefix.endswith(".experts") and w in ("w1", "w2", "w3"):
+                for e, buf in enumerate(st["momentum_buffer"]):
+                    out[f"{prefix}.{e}.{w}.weight"] = {"momentum_buffer": buf.clone()}
+            else:
+                out[name] = st
+        assert len(out) > len(state["optimizer_state"])  # the model has stacked experts with state
+        return {**state, "optimizer_state": out}
+    resumes_like_uninterrupted(tmp_path, per_expert)
 
 
 def test_resume_with_a_different_config_is_a_clear_error(tmp_path):
