@@ -77,7 +77,7 @@ def main(argv=None):
         if not torch.cuda.is_available():
             os.environ["TRITON_INTERPRET"] = "1"  # read when the kernel module is imported
     from dsv4 import kernels
-    from dsv4.kernels.mhc_maps import hc_maps_fused
+    from dsv4.kernels.mhc_maps import hc_maps_fused, hc_maps_train
     from dsv4.mhc import hc_maps, hc_maps_from_mixes
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -100,6 +100,22 @@ def main(argv=None):
         t_fused = bench(lambda: hc_maps_fused(mixes, base, scale, **kw), args.dry)
         emit(impl="reference", ms=t_ref, **common)
         emit(impl="fused", ms=t_fused, speedup=t_ref / t_fused, max_abs_err=err, **common)
+        # Training: forward + backward of the maps, the reference's autograd vs the kernel's backward.
+        leaves = [t.clone().requires_grad_() for t in (mixes, base, scale)]
+        weights = [torch.randn_like(t) for t in ref]
+
+        def train_step(fn):
+            for t in leaves:
+                t.grad = None
+            sum((o * w).sum() for o, w in zip(fn(*leaves, **kw), weights)).backward()
+            return [t.grad for t in leaves]
+        grad_err = max(float((a - b).abs().max() / b.abs().max().clamp(min=1e-30))
+                       for a, b in zip(train_step(hc_maps_train), train_step(hc_maps_from_mixes)))
+        t_ref = bench(lambda: train_step(hc_maps_from_mixes), args.dry)
+        t_train = bench(lambda: train_step(hc_maps_train), args.dry)
+        emit(impl="reference", ms=t_ref, **dict(common, part="maps fwd+bwd"))
+        emit(impl="train_kernel", ms=t_train, speedup=t_ref / t_train, max_rel_grad_err=grad_err,
+             **dict(common, part="maps fwd+bwd"))
         if args.no_full:
             continue
         del mixes, ref

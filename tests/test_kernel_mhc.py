@@ -16,7 +16,7 @@ from tests.conftest import DEVICE, needs_kernels
 pytestmark = needs_kernels
 
 if kernels.triton_available():
-    from dsv4.kernels.mhc_maps import hc_maps_fused
+    from dsv4.kernels.mhc_maps import hc_maps_fused, hc_maps_train
 
 EPS = 1e-6
 
@@ -54,6 +54,26 @@ def test_fused_maps_match_reference(case, iters):
         torch.testing.assert_close(o.cpu(), r, rtol=1e-5, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("iters", [1, 2, 20])
+@pytest.mark.parametrize("case", ["n4_ragged", "n3_padded", "n2_ragged"])
+def test_trainable_maps_gradients_match_reference(case, iters):
+    """hc_maps_train's backward (replayed Sinkhorn walked back) == the reference's autograd, for mixes, base and
+    scale, with a weighted loss on all three maps, and with only comb used (the other gradients None)."""
+    B, S, n, _ = CASES[case]
+    mixes, base, scale = random_inputs(B, S, n, seed=len(case) + iters)
+    gen = torch.Generator().manual_seed(iters)
+    weights = [torch.randn(B, S, *shape, generator=gen) for shape in ((n,), (n,), (n, n))]
+    for used in ((0, 1, 2), (2,)):
+        grads = []
+        for fn, dev in ((hc_maps_from_mixes, "cpu"), (hc_maps_train, DEVICE)):
+            leaves = [t.to(dev).requires_grad_() for t in (mixes, base, scale)]
+            out = fn(*leaves, sinkhorn_iters=iters, hc_eps=EPS)
+            sum((out[u] * weights[u].to(dev)).sum() for u in used).backward()
+            grads.append([t.grad.cpu() for t in leaves])
+        for name, got, want in zip(("mixes", "base", "scale"), grads[1], grads[0]):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=f"{name} {used}")
+
+
 def test_seam_routes_and_keeps_gradients():
     """No autograd: the kernel (= reference to rounding). Autograd recording: exactly the reference, with a
     backward (the kernel is forward-only)."""
@@ -75,6 +95,10 @@ def test_seam_routes_and_keeps_gradients():
         assert torch.equal(o, r)
     sum(t.sum() for t in graded).backward()
     assert fn.grad is not None and fn.grad.abs().sum() > 0
+    ref_grad, fn.grad = fn.grad, None
+    with kernels.use("triton"), kernels.use_train_mhc_kernel():  # the trainable kernel: same gradient
+        sum(t.sum() for t in hc_maps(x, fn, base, scale, **kw)).backward()
+    torch.testing.assert_close(fn.grad, ref_grad, rtol=1e-4, atol=1e-6)
 
 
 def test_width_must_be_an_mhc_projection():

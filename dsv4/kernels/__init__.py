@@ -20,6 +20,7 @@ BACKENDS = ("auto", "reference", "triton")
 _backend: contextvars.ContextVar[str | None] = contextvars.ContextVar("dsv4_kernels", default=None)
 _kv_fp8: contextvars.ContextVar[bool | None] = contextvars.ContextVar("dsv4_kv_fp8", default=None)
 _train_kernel: contextvars.ContextVar[bool | None] = contextvars.ContextVar("dsv4_train_kernel", default=None)
+_train_mhc_kernel: contextvars.ContextVar[bool | None] = contextvars.ContextVar("dsv4_train_mhc_kernel", default=None)
 
 
 class KernelBackendError(RuntimeError):
@@ -68,6 +69,18 @@ def train_kernel() -> bool:
 
 def use_train_kernel(enabled: bool = True):
     return _scoped(_train_kernel, enabled)
+
+
+def train_mhc_kernel() -> bool:
+    """Whether training's mHC maps take the fused kernel with its backward (`mhc_maps.hc_maps_train`: ~9K fewer
+    launches per step of a 12-layer model) where Triton runs; off unless DSV4_TRAIN_MHC_KERNEL=1 or
+    `with use_train_mhc_kernel():`, until it has run on a GPU (its gradients match the reference's autograd
+    in the interpreter)."""
+    return _switch(_train_mhc_kernel, "DSV4_TRAIN_MHC_KERNEL")
+
+
+def use_train_mhc_kernel(enabled: bool = True):
+    return _scoped(_train_mhc_kernel, enabled)
 
 
 def kv_fp8() -> bool:
@@ -152,8 +165,12 @@ def hc_maps_post_linear(mixes, base, scale, *, sinkhorn_iters, hc_eps):
     """mHC maps after the projection (§2.2): mixes (B, S, (2+n)*n) fp32 -> pre (B, S, n), post (B, S, n),
     comb (B, S, n, n) fp32; `dsv4.mhc.hc_maps_from_mixes`. The Triton path fuses the gates and every
     Sinkhorn iteration into one launch (the reference launches ~6 kernels per iteration)."""
-    # Forward-only kernel: while autograd records (training), take the reference, whose backward is PyTorch's.
+    # While autograd records (training): the kernel with its backward when enabled (`train_mhc_kernel`), else
+    # the reference, whose backward is PyTorch's.
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (mixes, base, scale))
+    if needs_grad and train_mhc_kernel() and use_triton(mixes):
+        from .mhc_maps import hc_maps_train
+        return hc_maps_train(mixes, base, scale, sinkhorn_iters=sinkhorn_iters, hc_eps=hc_eps)
     if not needs_grad and use_triton(mixes):
         from .mhc_maps import hc_maps_fused
         return hc_maps_fused(mixes, base, scale, sinkhorn_iters=sinkhorn_iters, hc_eps=hc_eps)

@@ -19,7 +19,7 @@ import triton.language as tl
 from ..mhc import hc_maps_from_mixes as reference
 from ..mhc import hc_mult
 
-__all__ = ["hc_maps_fused", "reference"]
+__all__ = ["hc_maps_fused", "hc_maps_train", "reference"]
 
 MAX_HC = 8  # registers: BLOCK_M * NP * NP values per program; n beyond 8 was never configured
 
@@ -89,3 +89,113 @@ def hc_maps_fused(mixes: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, 
             mix, mix.stride(0), base.float().contiguous(), scale.float().contiguous(), pre, post, comb, M,
             sinkhorn_iters, hc_eps, N=n, NP=NP, BLOCK_M=BLOCK_M, num_warps=4)
     return pre.view(*lead, n), post.view(*lead, n), comb.view(*lead, n, n)
+
+
+# ------------------------------------------------------------------------------------------- training
+# The backward of the maps, for training (the reference's autograd launches ~10 kernels per Sinkhorn iteration
+# forward and backward: ~9K launches per step of a 12-layer model). Per token it replays the forward, storing the
+# input of each of the K = 2 * iters - 1 normalisations in a scratch buffer, then walks them back:
+#   y = x / (s + eps), s = sum of x along the normalised axis  ->  dx = (dy - sum(dy * y) along it) / (s + eps)
+# then the first row softmax and the gates. It writes d(mixes * scale + base), the gradient of each map's
+# argument; the gradients of mixes, base and scale follow from it by an elementwise product and two sums.
+@triton.jit
+def _hc_maps_bwd_kernel(MIX, smm, BASE, SCALE, GPRE, GPOST, GCOMB, WS, DARG, M, iters, hc_eps,
+                        N: tl.constexpr, NP: tl.constexpr, BLOCK_M: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rm = rows < M
+    i = tl.arange(0, NP)
+    im = i < N
+    r64 = rows.to(tl.int64)
+    mix = MIX + r64 * smm
+    darg = DARG + r64 * ((2 + N) * N)
+    s_pre = tl.load(SCALE)
+    s_post = tl.load(SCALE + 1)
+    s_comb = tl.load(SCALE + 2)
+
+    # gates: pre = sigmoid(a) + eps, post = 2 sigmoid(c)
+    m2 = rm[:, None] & im[None, :]
+    g2 = r64[:, None] * N + i[None, :]
+    sa = tl.sigmoid(tl.load(mix[:, None] + i[None, :], mask=m2, other=0.0) * s_pre
+                    + tl.load(BASE + i, mask=im, other=0.0)[None, :])
+    tl.store(darg[:, None] + i[None, :], tl.load(GPRE + g2, mask=m2, other=0.0) * sa * (1 - sa), mask=m2)
+    sc = tl.sigmoid(tl.load(mix[:, None] + N + i[None, :], mask=m2, other=0.0) * s_post
+                    + tl.load(BASE + N + i, mask=im, other=0.0)[None, :])
+    tl.store(darg[:, None] + N + i[None, :], tl.load(GPOST + g2, mask=m2, other=0.0) * 2 * sc * (1 - sc), mask=m2)
+
+    # Sinkhorn, replayed exactly as `_hc_maps_kernel` computes it; normalisation k's input goes to WS[:, k].
+    ij = i[:, None] * N + i[None, :]
+    valid = im[:, None] & im[None, :]
+    m3 = rm[:, None, None] & valid[None, :, :]
+    logit = tl.load(mix[:, None, None] + 2 * N + ij[None, :, :], mask=m3, other=0.0)
+    logit = logit * s_comb + tl.load(BASE + 2 * N + ij, mask=valid, other=0.0)[None, :, :]
+    logit = tl.where(valid[None, :, :], logit, float("-inf"))
+    mx = tl.where(im[None, :], tl.max(logit, axis=2), 0.0)
+    e = tl.exp(logit - mx[:, :, None])
+    se = tl.where(im[None, :], tl.sum(e, axis=2), 1.0)
+    p = tl.where(valid[None, :, :], e / se[:, :, None], 0.0)  # the row softmax
+    b = tl.where(valid[None, :, :], p + hc_eps, 0.0)
+    K = 2 * iters - 1
+    ws = WS + r64[:, None, None] * (K * NP * NP) + (i[:, None] * NP + i[None, :])[None, :, :]
+    for k in range(K):  # k even: column sums (axis 1), k odd: row sums (axis 2), as in the forward
+        tl.store(ws + k * NP * NP, b, mask=m3)
+        if k % 2 == 0:
+            b = b / (tl.sum(b, axis=1)[:, None, :] + hc_eps)
+        else:
+            b = b / (tl.sum(b, axis=2)[:, :, None] + hc_eps)
+    g = tl.load(GCOMB + r64[:, None, None] * (N * N) + ij[None, :, :], mask=m3, other=0.0)
+    for kk in range(K):
+        k = K - 1 - kk
+        x = tl.load(ws + k * NP * NP, mask=m3, other=0.0)
+        if k % 2 == 0:
+            s = tl.sum(x, axis=1)[:, None, :] + hc_eps
+            g = (g - tl.sum(g * (x / s), axis=1)[:, None, :]) / s
+        else:
+            s = tl.sum(x, axis=2)[:, :, None] + hc_eps
+            g = (g - tl.sum(g * (x / s), axis=2)[:, :, None]) / s
+        g = tl.where(valid[None, :, :], g, 0.0)  # the padding holds 0 whatever it gets: no gradient
+    dz = p * (g - tl.sum(g * p, axis=2)[:, :, None])  # softmax backward along the row
+    tl.store(darg[:, None, None] + 2 * N + ij[None, :, :], dz, mask=m3)
+
+
+class _HcMaps(torch.autograd.Function):
+    """`hc_maps_fused` with a backward (`_hc_maps_bwd_kernel`): gradients for mixes, base and scale."""
+
+    @staticmethod
+    def forward(ctx, mixes, base, scale, sinkhorn_iters, hc_eps):
+        ctx.save_for_backward(mixes, base, scale)
+        ctx.args = (sinkhorn_iters, hc_eps)
+        return hc_maps_fused(mixes, base, scale, sinkhorn_iters=sinkhorn_iters, hc_eps=hc_eps)
+
+    @staticmethod
+    def backward(ctx, g_pre, g_post, g_comb):
+        mixes, base, scale = ctx.saved_tensors
+        iters, hc_eps = ctx.args
+        width = mixes.shape[-1]
+        n = hc_mult(width)
+        mix = mixes.float().reshape(-1, width).contiguous()
+        M = mix.shape[0]
+        grads = [torch.zeros(M, *shape, device=mix.device) if g is None else g.float().reshape(M, *shape).contiguous()
+                 for g, shape in ((g_pre, (n,)), (g_post, (n,)), (g_comb, (n, n)))]
+        darg = torch.empty(M, width, device=mix.device, dtype=torch.float32)
+        if M:
+            NP = triton.next_power_of_2(n)
+            BLOCK_M = min(max(1, 1024 // (NP * NP)), triton.next_power_of_2(M))
+            ws = torch.empty(M, 2 * iters - 1, NP, NP, device=mix.device, dtype=torch.float32)
+            _hc_maps_bwd_kernel[(triton.cdiv(M, BLOCK_M),)](
+                mix, mix.stride(0), base.float().contiguous(), scale.float().contiguous(), *grads, ws, darg, M,
+                iters, hc_eps, N=n, NP=NP, BLOCK_M=BLOCK_M, num_warps=4)
+        s = scale.float()
+        per_column = torch.cat([s[0].expand(n), s[1].expand(n), s[2].expand(n * n)])
+        d_mixes = (darg * per_column).view(mixes.shape).to(mixes.dtype)
+        d_base = darg.sum(0).to(base.dtype)
+        parts = (darg * mix).split([n, n, n * n], dim=-1)
+        d_scale = torch.stack([t.sum() for t in parts]).to(scale.dtype)
+        return d_mixes, d_base, d_scale, None, None
+
+
+def hc_maps_train(mixes: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, *, sinkhorn_iters: int,
+                  hc_eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`hc_maps_fused`, differentiable in mixes, base and scale (training)."""
+    if hc_mult(mixes.shape[-1]) > MAX_HC:
+        raise ValueError(f"hc_mult > {MAX_HC}: the fused mHC kernel does not support it; use kernels.use('reference')")
+    return _HcMaps.apply(mixes, base, scale, sinkhorn_iters, hc_eps)
