@@ -33,8 +33,10 @@ def decode_run(model, step_fn):
     """Prefill the rows, decode STEPS ragged steps through step_fn(pool, ids, slots); at REUSE_AT row 2's slot
     is released and reallocated for the 4th sequence -> (pool, {sequence: its decoded logits}, {sequence: slot})."""
     seqs = sequences()
-    pool = PagedKVCache(CONFIG, max_seqs=4, max_tokens=1024, block_size=BLOCK, device=DEVICE)
-    pool.allocate()  # slot 0 stays empty: rows live in non-trivial slots
+    # 5 slots: slot 0 allocated and left empty (rows live in non-trivial slots), slot 4 free, so a graph runner
+    # pads the 3-row steps to 4 rows there.
+    pool = PagedKVCache(CONFIG, max_seqs=5, max_tokens=1024, block_size=BLOCK, device=DEVICE)
+    pool.allocate()
     rows = {k: pool.allocate() for k in range(3)}
     fed = dict(enumerate(LENGTHS))
     out = {k: [] for k in range(4)}
@@ -63,7 +65,7 @@ def runner_step(model, enabled, runners=None):
 
     def step(pool, ids, slots):
         if pool not in runners:
-            runners[pool] = DecodeGraphs(model, pool, enabled=enabled, min_bucket=16)
+            runners[pool] = DecodeGraphs(model, pool, enabled=enabled, min_bucket=16, pad_batches=True)
         return runners[pool](ids, slots)
     return step
 
@@ -73,14 +75,15 @@ def contents(pool):
     rows are left out: every row that finishes no block writes its discarded entry there in the same step, so on
     a GPU which of them lands is arbitrary (nothing reads it)."""
     D, rd = CONFIG.head_dim, CONFIG.qk_rope_head_dim
+    active = [s for s in range(pool.max_seqs) if pool.active[s]]  # free slots hold no data (a graph pads there)
     out = {}
     for i in pool.layer_ids:
-        out[f"window.{i}"] = fp8_kv.dequantize(*fp8_kv.views(pool.window[i].view(-1, pool.entry_bytes), D, rd),
-                                               dtype=torch.float32)
+        out[f"window.{i}"] = fp8_kv.dequantize(*fp8_kv.views(pool.window[i][active].view(-1, pool.entry_bytes), D,
+                                                             rd), dtype=torch.float32)
         if i in pool.entries:
             used = pool.groups[pool.ratios[i]].scratch_row
             out[f"entries.{i}"] = fp8_kv.dequantize(*fp8_kv.views(pool.entries[i][:used], D, rd), dtype=torch.float32)
-            out[f"state.{i}"] = pool.state[i]
+            out[f"state.{i}"] = pool.state[i][active]
         if i in pool.keys:
             out[f"keys.{i}"] = pool.dequantize_index_keys(pool.keys[i][:pool.groups[4].scratch_row])
     return out
@@ -102,16 +105,12 @@ def test_graph_step_equals_plain_decode_and_reference(model, backend):
             ref = reference_logits(model, seqs[k][:, :fed[k]])[:, -plain[k].shape[1]:]
             close(plain[k], ref)
             close(graph[k], ref)
-        if backend == "reference":  # the same ops on the same inputs
-            assert torch.equal(graph[k], plain[k])
-        else:  # the grids differ (bucket vs exact bound): fp32 round-off
-            close(graph[k], plain[k])
+        # fp32 round-off apart: the runner's step has a padding row (4 rows, not 3: GEMMs of another shape) and,
+        # on the Triton path, grids sized by the bucket rather than the exact bound.
+        close(graph[k], plain[k])
     got, want = contents(graph_pool), contents(plain_pool)
     for name in want:
-        if backend == "reference":
-            assert torch.equal(got[name], want[name]), name
-        else:
-            assert rel_err(got[name], want[name]) < 1e-2, name
+        assert rel_err(got[name], want[name]) < 1e-2, name
 
 
 def test_decoded_pool_equals_prefilled_pool(model):
@@ -172,3 +171,18 @@ def test_replay_equals_eager(model):
     got, want = contents(graph_pool), contents(eager_pool)
     for name in want:
         assert rel_err(got[name], want[name]) < 1e-2, name
+
+
+def test_batch_padded_to_a_power_of_two_on_a_free_slot(model):
+    """3 rows run as a 4-row step whose extra row decodes on a free slot (the equality tests above show it
+    changes nothing for the real rows); with no free slot the step keeps its 3 rows."""
+    runners = {}
+    with torch.no_grad(), kernels.use("reference"):
+        pool, _, _, _ = decode_run(model, runner_step(model, enabled=False, runners=runners))
+        assert {rows for rows, _ in runners[pool].steps} == {4}
+        full = PagedKVCache(CONFIG, max_seqs=3, max_tokens=64, block_size=BLOCK, device=DEVICE)
+        slots = [full.allocate() for _ in range(3)]
+        ids = torch.ones(3, 1, dtype=torch.long, device=DEVICE)
+        runner = DecodeGraphs(model, full, enabled=False, min_bucket=16, pad_batches=True)
+        assert runner(ids, slots).shape[0] == 3
+        assert list(runner.steps) == [(3, 16)] and full.lengths == [1, 1, 1]

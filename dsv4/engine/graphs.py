@@ -2,7 +2,9 @@
 
 One decode step of the 43-layer Flash-shaped model launches ~9,400 kernels for ~34 ms of GPU work: the step
 is bound by the CPU launching them (benchmarks/RESULTS.md, long-context decode). `DecodeGraphs` captures the
-step once per (batch size, capacity bucket) and replays it, so a step costs one graph launch.
+step once per (batch size, capacity bucket) and replays it, so a step costs one graph launch. Batch sizes are
+padded to powers of two (dummy rows on a free slot, when one is free), so a serving engine whose batch grows
+and shrinks request by request captures a handful of graphs, not one per size.
 
 What a captured step reads that changes between steps sits in static device tensors written in place before
 each replay: the token ids (B, 1), the slots (B,), the positions (B, 1), and the pool's block tables (blocks
@@ -68,16 +70,18 @@ class _Step:
 
 class DecodeGraphs:
     def __init__(self, model: Transformer, pool: PagedKVCache, enabled: bool | None = None, min_bucket: int = 4096,
-                 strict: bool = False):
+                 strict: bool = False, pad_batches: bool | None = None):
         """enabled: None = on when the model is on CUDA. min_bucket: the smallest grid bound (fewer graphs for
         short contexts). strict: a step that cannot be captured raises `GraphCaptureError` instead of running
-        eagerly with a warning."""
+        eagerly with a warning. pad_batches: pad the batch to a power of two on a free slot (None: when
+        graphs are enabled)."""
         self.model, self.pool = model, pool
         self.device = model.embed.weight.device
         self.enabled = self.device.type == "cuda" if enabled is None else enabled
         if self.enabled and self.device.type != "cuda":
             raise ValueError(f"CUDA graphs need the model on a CUDA device, not {self.device}")
         self.min_bucket, self.strict = min_bucket, strict
+        self.pad_batches = self.enabled if pad_batches is None else pad_batches
         self.steps: dict[tuple[int, int], _Step] = {}
         self.mem_pool = None  # one graph memory pool shared by every capture
         self.failure: str | None = None  # why the last refused capture was refused
@@ -90,21 +94,29 @@ class DecodeGraphs:
         batch.check(ids, max_positions)
         starts = batch.starts()
         B, bucket = len(slots), capacity_bucket(max(starts) + 1, self.min_bucket, max_positions)
-        step = self.steps.get((B, bucket)) or self._new_step(B, bucket)
+        # Batch sizes are padded to powers of two (a handful of graphs, not one per size) with rows that decode
+        # a dummy token at position 0 of a free slot: they write only that slot's window row 0 and compressor
+        # state (a free slot holds no data; `allocate` clears it) and finish no compression block.
+        pad_slot = next((s for s in range(self.pool.max_seqs) if not self.pool.active[s]), None) \
+            if self.pad_batches else None
+        rows = B if pad_slot is None else min(1 << (B - 1).bit_length(), self.pool.max_seqs)
+        pad = rows - B
+        step = self.steps.get((rows, bucket)) or self._new_step(rows, bucket)
         # This step's inputs into the static tensors, the blocks it writes allocated: all before the replay.
-        step.ids.copy_(ids)
-        step.batch.slot_ids.copy_(torch.tensor(slots), non_blocking=True)
-        step.batch.pos.copy_(torch.tensor(starts)[:, None], non_blocking=True)
-        step.batch.slots = batch.slots  # read by the reference backend's (eager-only) attention
+        step.ids[:B].copy_(ids)
+        step.ids[B:].zero_()
+        step.batch.slot_ids.copy_(torch.tensor(slots + [pad_slot] * pad), non_blocking=True)
+        step.batch.pos.copy_(torch.tensor(starts + [0] * pad)[:, None], non_blocking=True)
+        step.batch.slots = batch.slots + [pad_slot] * pad  # read by the reference backend's (eager) attention
         batch.reserve_decode()
         graphable = self._graphable()
         if graphable and step.graph is None and not step.eager:
             self._capture(step)
         if graphable and step.graph is not None:
             step.graph.replay()
-            logits = step.logits.clone()  # the next replay overwrites the graph's output
+            logits = step.logits[:B].clone()  # the next replay overwrites the graph's output
         else:
-            logits = decode_step(self.model, step.ids, step.batch)
+            logits = decode_step(self.model, step.ids, step.batch)[:B]
         batch.pos = step.batch.pos
         batch.advance()
         return logits

@@ -91,6 +91,8 @@ class PagedKVCache:
         for s in range(self.max_seqs):
             if not self.active[s]:
                 self.active[s], self.lengths[s] = True, 0
+                for st in self.state.values():  # a free slot may hold a decode graph's padding rows
+                    st[s].zero_()
                 return s
         raise CacheFull(f"all {self.max_seqs} sequence slots are in use; free one with `release(slot)`")
 
