@@ -69,7 +69,10 @@ class Parallel:
         return cls("cuda" if cuda else "cpu", expert_parallel)
 
     def close(self) -> None:
+        """At the end of a run (every rank calls it): a barrier first, so no rank tears the process group down
+        while another still uses it (gloo aborts the slower process then)."""
         if dist.is_initialized():
+            dist.barrier()
             dist.destroy_process_group()
 
     # ------------------------------------------------------------------ applying it
