@@ -25,6 +25,29 @@ MAX_HC = 8  # registers: BLOCK_M * NP * NP values per program; n beyond 8 was ne
 
 
 @triton.jit
+def _gate_sigmoids(mix, BASE, s_pre, s_post, i, im, m2, N: tl.constexpr):
+    """sigmoid(mixes * scale + base) of the pre and post gates: (BM, NP) each (pre = it + eps, post = 2 it)."""
+    sa = tl.sigmoid(tl.load(mix[:, None] + i[None, :], mask=m2, other=0.0) * s_pre
+                    + tl.load(BASE + i, mask=im, other=0.0)[None, :])
+    sc = tl.sigmoid(tl.load(mix[:, None] + N + i[None, :], mask=m2, other=0.0) * s_post
+                    + tl.load(BASE + N + i, mask=im, other=0.0)[None, :])
+    return sa, sc
+
+
+@triton.jit
+def _comb_softmax(mix, BASE, s_comb, ij, valid, m3, im):
+    """The comb logits' row softmax (the reference's first Sinkhorn normalisation): (BM, NP, NP), exactly 0 in
+    the padding. Padded columns are -inf (exp -> 0); padded rows get max 0 and sum 1, so 0 instead of 0/0."""
+    logit = tl.load(mix[:, None, None] + ij[None, :, :], mask=m3, other=0.0)
+    logit = logit * s_comb + tl.load(BASE + ij, mask=valid, other=0.0)[None, :, :]
+    logit = tl.where(valid[None, :, :], logit, float("-inf"))
+    mx = tl.where(im[None, :], tl.max(logit, axis=2), 0.0)
+    e = tl.exp(logit - mx[:, :, None])
+    se = tl.where(im[None, :], tl.sum(e, axis=2), 1.0)
+    return tl.where(valid[None, :, :], e / se[:, :, None], 0.0)
+
+
+@triton.jit
 def _hc_maps_kernel(MIX, smm, BASE, SCALE, PRE, POST, COMB, M, iters, hc_eps,
                     N: tl.constexpr, NP: tl.constexpr, BLOCK_M: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -39,26 +62,16 @@ def _hc_maps_kernel(MIX, smm, BASE, SCALE, PRE, POST, COMB, M, iters, hc_eps,
     # A = sigmoid(.) + eps, C = 2 sigmoid(.): (BM, NP)
     m2 = rm[:, None] & im[None, :]
     out2 = rows.to(tl.int64)[:, None] * N + i[None, :]
-    a = tl.load(mix[:, None] + i[None, :], mask=m2, other=0.0)
-    a = tl.sigmoid(a * s_pre + tl.load(BASE + i, mask=im, other=0.0)[None, :]) + hc_eps
-    tl.store(PRE + out2, a, mask=m2)
-    c = tl.load(mix[:, None] + N + i[None, :], mask=m2, other=0.0)
-    c = 2 * tl.sigmoid(c * s_post + tl.load(BASE + N + i, mask=im, other=0.0)[None, :])
-    tl.store(POST + out2, c, mask=m2)
+    sa, sc = _gate_sigmoids(mix, BASE, s_pre, s_post, i, im, m2, N)
+    tl.store(PRE + out2, sa + hc_eps, mask=m2)
+    tl.store(POST + out2, 2 * sc, mask=m2)
 
     # B = Sinkhorn(exp(.)): (BM, NP, NP), axis 1 = row index i, axis 2 = column index j.
     ij = i[:, None] * N + i[None, :]
     valid = im[:, None] & im[None, :]
     m3 = rm[:, None, None] & valid[None, :, :]
-    logit = tl.load(mix[:, None, None] + 2 * N + ij[None, :, :], mask=m3, other=0.0)
-    logit = logit * s_comb + tl.load(BASE + 2 * N + ij, mask=valid, other=0.0)[None, :, :]
-    # Row softmax (the reference's first row normalisation). Padded columns are -inf (exp -> 0); padded
-    # rows get max 0 and sum 1 so they stay 0 instead of 0/0.
-    logit = tl.where(valid[None, :, :], logit, float("-inf"))
-    mx = tl.where(im[None, :], tl.max(logit, axis=2), 0.0)
-    e = tl.exp(logit - mx[:, :, None])
-    se = tl.where(im[None, :], tl.sum(e, axis=2), 1.0)
-    b = tl.where(valid[None, :, :], e / se[:, :, None] + hc_eps, 0.0)
+    p = _comb_softmax(mix + 2 * N, BASE + 2 * N, s_comb, ij, valid, m3, im)
+    b = tl.where(valid[None, :, :], p + hc_eps, 0.0)
     b = b / (tl.sum(b, axis=1)[:, None, :] + hc_eps)
     for _ in range(iters - 1):
         b = b / (tl.sum(b, axis=2)[:, :, None] + hc_eps)
@@ -115,24 +128,15 @@ def _hc_maps_bwd_kernel(MIX, smm, BASE, SCALE, GPRE, GPOST, GCOMB, WS, DARG, M, 
     # gates: pre = sigmoid(a) + eps, post = 2 sigmoid(c)
     m2 = rm[:, None] & im[None, :]
     g2 = r64[:, None] * N + i[None, :]
-    sa = tl.sigmoid(tl.load(mix[:, None] + i[None, :], mask=m2, other=0.0) * s_pre
-                    + tl.load(BASE + i, mask=im, other=0.0)[None, :])
+    sa, sc = _gate_sigmoids(mix, BASE, s_pre, s_post, i, im, m2, N)
     tl.store(darg[:, None] + i[None, :], tl.load(GPRE + g2, mask=m2, other=0.0) * sa * (1 - sa), mask=m2)
-    sc = tl.sigmoid(tl.load(mix[:, None] + N + i[None, :], mask=m2, other=0.0) * s_post
-                    + tl.load(BASE + N + i, mask=im, other=0.0)[None, :])
     tl.store(darg[:, None] + N + i[None, :], tl.load(GPOST + g2, mask=m2, other=0.0) * 2 * sc * (1 - sc), mask=m2)
 
     # Sinkhorn, replayed exactly as `_hc_maps_kernel` computes it; normalisation k's input goes to WS[:, k].
     ij = i[:, None] * N + i[None, :]
     valid = im[:, None] & im[None, :]
     m3 = rm[:, None, None] & valid[None, :, :]
-    logit = tl.load(mix[:, None, None] + 2 * N + ij[None, :, :], mask=m3, other=0.0)
-    logit = logit * s_comb + tl.load(BASE + 2 * N + ij, mask=valid, other=0.0)[None, :, :]
-    logit = tl.where(valid[None, :, :], logit, float("-inf"))
-    mx = tl.where(im[None, :], tl.max(logit, axis=2), 0.0)
-    e = tl.exp(logit - mx[:, :, None])
-    se = tl.where(im[None, :], tl.sum(e, axis=2), 1.0)
-    p = tl.where(valid[None, :, :], e / se[:, :, None], 0.0)  # the row softmax
+    p = _comb_softmax(mix + 2 * N, BASE + 2 * N, s_comb, ij, valid, m3, im)
     b = tl.where(valid[None, :, :], p + hc_eps, 0.0)
     K = 2 * iters - 1
     ws = WS + r64[:, None, None] * (K * NP * NP) + (i[:, None] * NP + i[None, :])[None, :, :]
