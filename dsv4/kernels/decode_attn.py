@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .sparse_attn import LOG2E, KVSource, _align, _num_sms, _row_of, dense_source, reference  # noqa: F401
+from .sparse_attn import LOG2E, KVSource, _align, _num_sms, _row_of, dense_source, entries_seen, reference  # noqa: F401
 
 NEG = tl.constexpr(-1e30)  # "no key yet": finite, so exp2(NEG - m) is 0 without inf - inf
 
@@ -195,10 +195,7 @@ def _partial_kernel(ZERO, Q, sqb, sqh, POS,
                                          ROPE, GS, W_FP8, PREC, DV, GSV, QK_GROUPS)
     elif MODE > 0:  # compressed: HCA every finished entry (MODE 1), CSA the top-k list (MODE 2)
         nc = tl.load(NC + b)
-        if MODE == 1:
-            n_keys = tl.minimum((pos + 1) // ratio, nc)
-        else:
-            n_keys = K
+        n_keys = entries_seen(pos, ratio, nc, K, MODE)
         start = (split - W_SPLITS) * CHUNK
         end = tl.minimum(start + CHUNK, n_keys)
         for j0 in range(start, end, BLOCK_N):

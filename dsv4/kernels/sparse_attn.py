@@ -58,6 +58,19 @@ class KVSource:
 
 
 @triton.jit
+def entries_seen(pos, ratio, n_entries, K, MODE: tl.constexpr):
+    """How many compressed keys a query at `pos` attends: MODE 0 (window only) none, 1 (HCA) every finished
+    entry, (pos + 1) // ratio of the n_entries stored, 2 (CSA) its K top-k picks (-1 ones masked by the caller)."""
+    if MODE == 1:
+        n_keys = tl.minimum((pos + 1) // ratio, n_entries)
+    elif MODE == 2:
+        n_keys = K
+    else:
+        n_keys = 0
+    return n_keys
+
+
+@triton.jit
 def _row_of(T, st, BS, b, li, valid, ZERO):
     # ZERO (a runtime 0 the compiler may not specialise on) hides the arange-derived divisibility of the
     # row index: rows of 584-byte records are only 8-byte aligned, and vectorised loads that assumed
@@ -165,12 +178,7 @@ def _attn_kernel(ZERO, Q, sqb, sqs, sqh, POS, spb,
 
     # Compressed entries: this split's share [start, end) of the query's key list.
     nc = tl.load(NC + b)
-    if MODE == 1:
-        n_keys = tl.minimum((pos + 1) // ratio, nc)
-    elif MODE == 2:
-        n_keys = K
-    else:
-        n_keys = 0
+    n_keys = entries_seen(pos, ratio, nc, K, MODE)
     start = split * CPS
     end = tl.minimum(start + CPS, n_keys)
     for j0 in range(start, end, BLOCK_N):

@@ -35,6 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .sparse_attn import entries_seen
+
 LOG2E = 1.4426950408889634
 
 
@@ -118,12 +120,7 @@ def _fwd_kernel(Q, W, C, TOPK, POS, SINK, O, LSE, S, H, L, N, K, qk_scale, windo
         k = _load(W + (b * L + t0 - pos0).to(tl.int64) * D, t, valid, d, dm, D).to(dtype)
         m_i, l_i, acc = _softmax_step(q, k, valid, m_i, l_i, acc, qk_scale, PREC)
 
-    if MODE == 1:
-        n_keys = tl.minimum((pos + 1) // ratio, N)
-    elif MODE == 2:
-        n_keys = K
-    else:
-        n_keys = 0
+    n_keys = entries_seen(pos, ratio, N, K, MODE)
     for j0 in range(0, n_keys, BLOCK_N):
         kb, kr, valid = _entries(C, TOPK, row, b, N, K, n_keys, j0, D, BLOCK_N, MODE)
         k = _load(kb, kr, valid, d, dm, D).to(dtype)
@@ -201,12 +198,7 @@ def _bwd_q_kernel(Q, DO, W, C, TOPK, POS, LSE, DELTA, DQ, DC, S, H, L, N, K, qk_
                        qk_scale, scale, D, BLOCK_D, D_IN, BLOCK_H, BLOCK_N, PREC)
         dq += tl.dot(ds.to(dtype), _load(kb, t, valid, dout, dout < D, D).to(dtype), input_precision=PREC)
 
-    if MODE == 1:
-        n_keys = tl.minimum((pos + 1) // ratio, N)
-    elif MODE == 2:
-        n_keys = K
-    else:
-        n_keys = 0
+    n_keys = entries_seen(pos, ratio, N, K, MODE)
     for j0 in range(0, n_keys, BLOCK_N):
         kb, kr, valid = _entries(C, TOPK, row, b, N, K, n_keys, j0, D, BLOCK_N, MODE)
         p, ds = _probs(Q + qb, DO + qb, h, hm, kb, kr, valid, hm[:, None] & valid[None, :], lse, delta,
