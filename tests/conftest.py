@@ -36,3 +36,15 @@ def random_model(config, seed=0, spread=0.3):
 @pytest.fixture
 def tiny_config():
     return preset("tiny")
+
+
+def random_topk(gen, B, S, N, k, visible, holes: float = 0.0):
+    """Distinct indices < visible[s] per query, -1 padded (as the indexer returns them), in random order (N: the
+    entries stored, unused); `holes`: fraction of the picks also set to -1."""
+    out = torch.full((B, S, k), -1, dtype=torch.long)
+    for b in range(B):
+        for s in range(S):
+            n = min(k, int(visible[s]))
+            out[b, s, :n] = torch.randperm(max(int(visible[s]), 1), generator=gen)[:n]
+            out[b, s] = out[b, s, torch.randperm(k, generator=gen)]
+    return out.masked_fill(torch.rand(out.shape, generator=gen) < holes, -1) if holes else out

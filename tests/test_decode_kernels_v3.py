@@ -13,15 +13,15 @@ import torch
 from dsv4 import kernels
 from dsv4.attention import sparse_attention as attention_reference
 from dsv4.kernels import fp8_kv
-from tests.conftest import DEVICE, needs_kernels, rel_err
+from tests.conftest import DEVICE, needs_kernels, random_topk, rel_err
 
 pytestmark = needs_kernels
 
 if kernels.triton_available():
     from dsv4.kernels import decode_attn as da
     from dsv4.kernels import indexer_decode as ixd
-    from tests.test_kernels import (DTYPE, TOL, _fp8_source, check_fp8_records_decode, dense_decode_case, paged_decode_cases,
-                                    random_topk)
+    from tests.test_kernels import (DTYPE, TOL, _fp8_source, check_fp8_records_decode, dense_decode_case,
+                                    paged_decode_cases)
 
 # attend_decode variants: one value slice per program of 2 / 4, logits per scale group, and both with every
 # head in one tile (the "dequantise once for all heads" layout of benchmarks/tune_decode.py).

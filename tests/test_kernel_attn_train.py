@@ -20,7 +20,7 @@ import torch
 
 from dsv4 import kernels
 from dsv4.attention import sparse_attention as reference
-from tests.conftest import DEVICE, needs_kernels
+from tests.conftest import DEVICE, needs_kernels, random_topk
 
 runs_kernels = needs_kernels
 
@@ -36,15 +36,8 @@ def rel_err(a, b):
 
 
 def picks(gen, B, S, k, visible, holes=0.0):
-    """Distinct entry indices < visible[s] per query, -1 padded, shuffled; `holes`: fraction of the
-    picks also set to -1. Few entries and many queries, so queries pick the same entries."""
-    out = torch.full((B, S, k), -1, dtype=torch.long)
-    for b in range(B):
-        for s in range(S):
-            n = min(k, int(visible[s]))
-            out[b, s, :n] = torch.randperm(max(int(visible[s]), 1), generator=gen)[:n]
-            out[b, s] = out[b, s, torch.randperm(k, generator=gen)]
-    return out.masked_fill(torch.rand(out.shape, generator=gen) < holes, -1)
+    """`random_topk` with holes; few entries and many queries, so queries pick the same entries."""
+    return random_topk(gen, B, S, None, k, visible, holes)
 
 
 # (B, S, H, D, cached, N, k, ratio, window, tiles): S queries after `cached` window rows; k None = HCA,

@@ -15,7 +15,7 @@ from dsv4.attention import sparse_attention as attention_reference
 from dsv4.config import preset
 from dsv4.info import kv_bytes_per_token
 from dsv4.kernels import fp8_kv
-from tests.conftest import DEVICE, needs_kernels, random_model, rel_err
+from tests.conftest import DEVICE, needs_kernels, random_model, random_topk, rel_err
 
 pytestmark = needs_kernels
 
@@ -29,17 +29,6 @@ if kernels.triton_available():
 # Model dtype per device: fp32 in the interpreter (exact comparisons), bf16 on the GPU.
 DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
 TOL = 2e-2 if DTYPE == torch.bfloat16 else 1e-5
-
-
-def random_topk(gen, B, S, N, k, visible):
-    """Distinct indices < visible per query, -1 padded (as the indexer returns them), in random order."""
-    out = torch.full((B, S, k), -1, dtype=torch.long)
-    for b in range(B):
-        for s in range(S):
-            n = min(k, int(visible[s]))
-            out[b, s, :n] = torch.randperm(max(int(visible[s]), 1), generator=gen)[:n]
-            out[b, s] = out[b, s, torch.randperm(k, generator=gen)]
-    return out
 
 
 # (B, S, H, D, cached, N, k, ratio, window, n_split): S new queries after `cached` window rows.
