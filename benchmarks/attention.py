@@ -14,16 +14,35 @@ variant and are left out):
   prefill  gqa8: causal SDPA over ctx tokens; csa / hca: the same kernels over all ctx queries in chunks; the CSA
            indexer also with FP8 scores, with the candidate top-k, and in its `--prev` version
 `--profile` first prints each op's per-kernel device time (torch.profiler), `--check` full-size agreement.
-Usage: python benchmarks/attention.py [--ctx 8K,32K,...] [--prefill-max 128K] [--csa-prefill-1m] [--prev DIR]
+Prefill runs at each --ctx up to --prefill-max: `--prefill-max 512K` adds the 512K rows (gqa8, csa, hca) of the
+default --ctx list.
+
+`--vs-transformers` (only this): one whole layer as the model runs it (`dsv4.attention.Attention`: projections,
+compressor, indexer, the kernels; prefill in 8K-token chunks through its cache, like the prefill rows above) vs
+transformers' `DeepseekV4Attention` of the same type holding the same random weights (renamed by `dsv4.hf`), for
+a CSA layer (ratio 4) and an HCA layer (ratio 128) with Flash's attention dims (q LoRA rank 1024 too). Prefill at
+each --vs-transformers-ctx: ms (median of 3 after a warm-up) and peak GiB above weights and input per (impl, layer,
+ctx), "oom" where it does not fit (transformers scores every query against every token and compressed entry in
+dense (64, S, S + entries) tensors: its memory grows with S^2), the ours / transformers ratios where both ran, and
+at the first context the relative error between the two outputs (`BF16_TOL`). transformers' rows include its
+per-forward causal mask and RoPE tables, which a whole model builds once for all its layers.
+Needs transformers >= 5.23 (the GPU image's 5.17 has no DeepSeek-V4: carry the wheel, device README).
+Decode is not compared: transformers' layer can continue from a `DynamicCache(config=...)`, but that cache reaches
+a long context only through its dense prefill, and our layer decodes from the paged FP8 pool (`dsv4.paged`), whose
+kernels the decode rows above time.
+Usage: python benchmarks/attention.py [--ctx 8K,32K,...] [--prefill-max 128K | 512K] [--csa-prefill-1m] [--prev DIR]
+       python benchmarks/attention.py --vs-transformers [--vs-transformers-ctx 4K,8K,16K,32K]
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib.util
 import json
 import math
 import os
+import statistics
 import sys
 import time
 
@@ -31,14 +50,18 @@ import torch
 import torch.nn.functional as F
 import triton
 
+from dsv4 import hf, kernels
 from dsv4.analysis import parse_context
+from dsv4.cache import AttnView, KVCache
 from dsv4.config import preset
 from dsv4.kernels import fp8_kv
 from dsv4.kernels.decode_attn import attend_decode
 from dsv4.kernels.indexer_decode import KeySource, indexer_topk_decode, workspace
 from dsv4.kernels.indexer_topk import indexer_topk
 from dsv4.kernels.sparse_attn import KVSource, attend, sparse_attention_dense
+from dsv4.model import Transformer, build_random
 from timing import bench, bench_graph  # noqa: E402 (benchmarks/ is the script's folder)
+from vs_transformers import config as two_layer_flash_config  # noqa: E402 (CSA + HCA, Flash attention dims)
 
 H100_PEAK = {"bf16_tflops": 989.0, "hbm_gbps": 3350.0}  # SXM5 dense datasheet figures
 H, D, RD, TOPK, WIN, HI, DI = 64, 512, 64, 512, 128, 64, 128
@@ -67,6 +90,11 @@ def emit(**rec):
         rec["tflops"] = rec["flops"] / rec["ms"] / 1e9
         rec["tc_util"] = rec["tflops"] / H100_PEAK["bf16_tflops"]
     print(json.dumps(rec), flush=True)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Relative L2 error of a against b."""
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 def fp8_pool(n: int, block: int = 64):
@@ -194,11 +222,10 @@ def check_decode(ctx=1 << 20):
     x = decode_inputs(ctx, 2)
     for ratio in (4, 128):
         a, b = attn_fn(x, ctx, ratio)(), attn_fn(x, ctx, ratio, kernel=attend)()
-        emit(case="check_decode_attn", ctx=ctx, ratio=ratio, rel_err=((a.float() - b.float()).norm() / b.float().norm()).item())
+        emit(case="check_decode_attn", ctx=ctx, ratio=ratio, rel_err=rel_err(a, b))
         if "decode_attn" in PREV:
             c = attn_fn(x, ctx, ratio, kernel=PREV["decode_attn"].attend_decode)()
-            emit(case="check_decode_attn_vs_prev", ctx=ctx, ratio=ratio,
-                 rel_err=((a.float() - c.float()).norm() / c.float().norm()).item())
+            emit(case="check_decode_attn_vs_prev", ctx=ctx, ratio=ratio, rel_err=rel_err(a, c))
     got = indexer_fn(x, ctx)()
     src, n = x["ikeys"], ctx // 4
     rows = (src.table.long()[..., None] * src.block_size + torch.arange(src.block_size, device=DEV)).flatten(1)[:, :n]
@@ -412,6 +439,144 @@ def tune_decode(ctx=1 << 20):
                 emit(case="tune_hca_decode_1m", rows=src_name, block_h=bh, block_n=bn, error=str(e)[:120])
 
 
+TRANSFORMERS_NEEDED = "5.23"  # the first release with DeepSeek-V4 (DeepseekV4ForCausalLM, DeepseekV4Attention)
+# Ours vs transformers' layer, both in bf16: each rounds q, kv, probabilities and outputs to 8 significant bits
+# (2^-8 = 0.4 %) at its own points, and a near-tie in the indexer's scores can swap an entry at the top-k boundary.
+# A 384-token run at Flash dims on CPU (reference kernels; top-k not yet selective there) gives 0.6 %.
+BF16_TOL = 0.03
+
+
+def transformers_v4():
+    """transformers' DeepSeek-V4 modeling module; ImportError naming the needed version where it is missing."""
+    try:
+        import transformers
+    except ImportError:
+        transformers = None
+    try:
+        from transformers.models.deepseek_v4 import modeling_deepseek_v4
+    except ImportError:
+        found = transformers.__version__ if transformers else "none"
+        raise ImportError(f"the transformers comparison needs transformers >= {TRANSFORMERS_NEEDED} "
+                          f"(DeepseekV4Attention); found {found}. On the GPU image carry a transformers>="
+                          f"{TRANSFORMERS_NEEDED} wheel in .whl/ (the device README's wheel recipe)") from None
+    return modeling_deepseek_v4
+
+
+def transformers_twin(model: Transformer, layer_id: int) -> torch.nn.Module:
+    """transformers' `DeepseekV4Attention` for layer `layer_id` of `model`, holding that layer's own weight tensors:
+    renamed by `dsv4.hf` (the one mapping) and assigned, not copied, so no second copy is in memory and the dtypes
+    are ours (fp32 norms, sinks and slot biases, as transformers keeps them)."""
+    v4 = transformers_v4()
+    attn = model.layers[layer_id].attn
+    # eager is V4's only attention backend in transformers; a standalone module would otherwise get no mask
+    config = v4.DeepseekV4Config(**hf.to_hf_config(model.config), attn_implementation="eager")
+    ours, theirs = f"layers.{layer_id}.attn.", f"model.layers.{layer_id}.self_attn."
+    weights = hf.to_hf_state_dict({ours + k: t for k, t in attn.state_dict().items()}, model.config)
+    with torch.device(attn.wq_a.weight.device):  # its RoPE tables are built where the weights are
+        twin = v4.DeepseekV4Attention(config, layer_id)
+    twin.load_state_dict({k.removeprefix(theirs): t for k, t in weights.items()}, strict=True, assign=True)
+    return twin.eval()
+
+
+def layer_pair(model: Transformer, layer_id: int, chunk: int = 8192):
+    """Prefill functions x (1, S, d) -> (1, S, d) of layer `layer_id`'s attention: ours (the module a block
+    calls, in `chunk`-token pieces through a fresh cache) and transformers' twin of it (one call, with the causal
+    mask and RoPE tables its model would hand every layer)."""
+    v4 = transformers_v4()
+    attn = model.layers[layer_id].attn
+    inv_freq = model.inv_freq_compress if attn.ratio else model.inv_freq_main
+    twin = transformers_twin(model, layer_id)
+    with torch.device(attn.wq_a.weight.device):
+        rotary = v4.DeepseekV4RotaryEmbedding(twin.config)
+
+    def ours(x):
+        cache, out = KVCache.empty(model.config), torch.empty_like(x)
+        for s in range(0, x.shape[1], chunk):
+            e = min(x.shape[1], s + chunk)
+            view = AttnView(slice(None), slice(None), torch.arange(s, e, device=x.device), cache)
+            out[:, s:e] = attn(x[:, s:e], [view], inv_freq)
+        return out
+
+    def theirs(x):
+        pos = torch.arange(x.shape[1], device=x.device)[None]
+        mask = v4.create_sliding_window_causal_mask(config=twin.config, inputs_embeds=x, attention_mask=None,
+                                                    past_key_values=None, position_ids=pos)
+        rope = {kind: rotary(x, pos, layer_type=kind) for kind in rotary.layer_types}  # "main" / "compress"
+        return twin(x, position_embeddings=rope, position_ids=pos, attention_mask=mask)[0]
+
+    return ours, theirs
+
+
+def measure(fn, x: torch.Tensor, reps: int):
+    """(median ms, peak GiB above what is allocated before the call or None on CPU, output) of fn(x) after a
+    warm-up call (Triton compiles its kernels for new shapes on first use); wall clock between synchronisations."""
+    cuda = x.is_cuda
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    times, out = [], None
+    with torch.inference_mode():
+        fn(x)
+        sync()
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated() if cuda else 0
+        for _ in range(reps):
+            out = None  # the previous call's output is freed before this call allocates its own
+            t = time.perf_counter()
+            out = fn(x)
+            sync()
+            times.append((time.perf_counter() - t) * 1e3)
+    peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 30 if cuda else None
+    return statistics.median(times), peak, out
+
+
+def compare_with_transformers(model: Transformer, ctxs: list[int], chunk: int = 8192, reps: int = 3,
+                              tol: float = BF16_TOL):
+    """Prefill of each compressed layer of `model` (CSA, HCA), ours vs transformers', at each of `ctxs`: one
+    JSON line per (impl, layer, ctx), "oom" where it did not fit, ratios where both ran, and at the first
+    context the relative error between the two outputs (`ok`: within `tol`)."""
+    import transformers
+    device = model.embed.weight.device
+    emit(case="vs_transformers_setup", transformers=transformers.__version__, kernels=kernels.backend(), chunk=chunk,
+         reps=reps, heads=model.config.num_attention_heads, head_dim=model.config.head_dim,
+         q_lora_rank=model.config.q_lora_rank, index_topk=model.config.index_topk,
+         window=model.config.sliding_window)
+    for layer_id, ratio in enumerate(model.config.layer_ratios):
+        if not ratio:
+            continue
+        layer = "csa" if ratio == 4 else "hca"
+        impls = dict(zip(("dsv4", "transformers"), layer_pair(model, layer_id, chunk)))
+        for i, ctx in enumerate(ctxs):
+            gen = torch.Generator(device=device).manual_seed(ctx)
+            x = torch.randn(1, ctx, model.config.hidden_size, generator=gen, device=device,
+                            dtype=model.layers[layer_id].attn.wq_a.weight.dtype)
+            ms, gib, outs = {}, {}, {}
+            for impl, fn in impls.items():
+                try:
+                    ms[impl], gib[impl], out = measure(fn, x, reps)
+                except torch.cuda.OutOfMemoryError:
+                    out = None
+                if out is None:
+                    emit(case="vs_transformers_prefill", impl=impl, layer=layer, ctx=ctx, oom=True)
+                    # past the except block, which kept the failed call's frames alive: collect what they held
+                    # (in reference cycles too) and give its blocks back before the next call
+                    gc.collect()
+                    torch.cuda.empty_cache()
+                    continue
+                emit(case="vs_transformers_prefill", impl=impl, layer=layer, ctx=ctx, ms=ms[impl],
+                     peak_gib=gib[impl])
+                if i == 0:  # the outputs are compared at the first context only
+                    outs[impl] = out
+                del out
+            if len(ms) == 2:
+                emit(case="vs_transformers_ratio", layer=layer, ctx=ctx, ms_ours_over_transformers=ms["dsv4"] /
+                     ms["transformers"], peak_ours_over_transformers=None if gib["dsv4"] is None else
+                     gib["dsv4"] / gib["transformers"])
+            if len(outs) == 2:
+                err = rel_err(outs["dsv4"], outs["transformers"])
+                emit(case="vs_transformers_check", layer=layer, ctx=ctx, rel_err=err, tol=tol, ok=err <= tol)
+
+
 def kv_bytes_summary():
     """KV bytes per token per layer, averaged over Flash's layer mix, vs BF16 GQA-8 (2 x 8 x 128 x 2 B)."""
     flash = preset("flash")
@@ -439,9 +604,21 @@ def main(argv=None):
     ap.add_argument("--tune-indexer", action="store_true", help="decode: the indexer's 1M sweep first, time its best")
     ap.add_argument("--profile", action="store_true", help="first: per-kernel device time of the decode steps")
     ap.add_argument("--no-hca-prefill", action="store_true", help="prefill: CSA only")
+    ap.add_argument("--vs-transformers", action="store_true",
+                    help="only: prefill of a CSA and an HCA layer, ours vs transformers' DeepseekV4Attention")
+    ap.add_argument("--vs-transformers-ctx", default="4K,8K,16K,32K", help="--vs-transformers: prefill lengths")
     args = ap.parse_args(argv)
     PREV.update(load_prev(args.prev) if args.prev else {})
+    if args.vs_transformers:
+        try:
+            transformers_v4()  # before anything is built: the GPU image's transformers may predate DeepSeek-V4
+        except ImportError as e:
+            sys.exit(f"--vs-transformers: {e}")
     emit(case="device", name=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__)
+    if args.vs_transformers:
+        model = build_random(two_layer_flash_config(), DEV, torch.bfloat16)
+        compare_with_transformers(model, [parse_context(c) for c in args.vs_transformers_ctx.split(",")])
+        return
     if args.tune:
         tune()
         return

@@ -3,6 +3,10 @@ that together cover CSA + HCA + window-only layers, hash and learned routing, an
 than the number of compressed entries, sequences longer than the window and several compression blocks,
 batch > 1, and hc_mult 2 and 4."""
 
+import json
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -11,6 +15,7 @@ from dsv4.config import preset
 from tests.conftest import random_model
 
 transformers = pytest.importorskip("transformers", reason="transformers is the test-time oracle (test extra)")
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 CASES = {
     # name: (config overrides, batch, seq)
@@ -72,3 +77,64 @@ def test_bf16_model_tracks_fp32_reference():
     assert ours.layers[0].attn.wq_a.weight.dtype == torch.bfloat16
     err = (a - b).abs().max() / b.abs().max()
     assert err < 0.03, f"bf16 logits deviate by {err:.3f} of the logit scale"
+
+
+@pytest.fixture
+def attention_bench():
+    """benchmarks/attention.py as a module (it imports its siblings `timing` and `vs_transformers`)."""
+    pytest.importorskip("triton", reason="benchmarks/attention.py imports the Triton kernels")
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import attention
+        yield attention
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+def json_lines(text):
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def test_attention_layer_benchmark_matches_transformers(attention_bench, capsys):
+    """`attention.py --vs-transformers` on CPU at a tiny size: our CSA and HCA layers (prefill in chunks through
+    the cache) and transformers' twins (same weight tensors via dsv4.hf) give one output, and every row is there."""
+    config = preset("tiny").replace(compress_ratios=[4, 128], num_hidden_layers=2, num_hash_layers=0,
+                                    index_n_heads=8, initializer_range=0.1)
+    # 260 tokens: 65 CSA entries of which top-k keeps 3, 2 HCA entries, 8-token window, chunks of 96
+    attention_bench.compare_with_transformers(random_model(config, seed=5), [260], chunk=96, reps=1)
+    rows = json_lines(capsys.readouterr().out)
+    checks = {r["layer"]: r for r in rows if r["case"] == "vs_transformers_check"}
+    assert sorted(checks) == ["csa", "hca"]
+    for r in checks.values():
+        assert r["rel_err"] < 1e-5 and r["ok"], r
+    timed = {(r["impl"], r["layer"]) for r in rows if r["case"] == "vs_transformers_prefill" and r["ms"] > 0}
+    assert timed == {(impl, layer) for impl in ("dsv4", "transformers") for layer in ("csa", "hca")}
+    assert len([r for r in rows if r["case"] == "vs_transformers_ratio"]) == 2
+
+
+def test_attention_layer_benchmark_goes_on_after_out_of_memory(attention_bench, capsys, monkeypatch):
+    """A context that runs out of memory gets an "oom" row and no ratio; the next layer still runs."""
+    config = preset("tiny").replace(compress_ratios=[4, 128], num_hidden_layers=2, num_hash_layers=0)
+    v4 = attention_bench.transformers_v4()
+    forward = v4.DeepseekV4Attention.forward
+
+    def small_only(self, hidden_states, *args, **kwargs):
+        if hidden_states.shape[1] > 40:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return forward(self, hidden_states, *args, **kwargs)
+
+    monkeypatch.setattr(v4.DeepseekV4Attention, "forward", small_only)
+    attention_bench.compare_with_transformers(random_model(config, seed=6), [40, 48], chunk=16, reps=1)
+    rows = json_lines(capsys.readouterr().out)
+    oom = [(r["impl"], r["layer"], r["ctx"]) for r in rows if r.get("oom")]
+    assert oom == [("transformers", "csa", 48), ("transformers", "hca", 48)]
+    assert [(r["layer"], r["ctx"]) for r in rows if r["case"] == "vs_transformers_ratio"] == [("csa", 40), ("hca", 40)]
+    assert {(r["impl"], r["ctx"]) for r in rows if r["case"] == "vs_transformers_prefill" and "ms" in r} == {
+        ("dsv4", 40), ("dsv4", 48), ("transformers", 40)}
+
+
+def test_attention_layer_benchmark_names_the_transformers_it_needs(attention_bench, monkeypatch):
+    """On a transformers without DeepSeek-V4 (the GPU image's 5.17) the comparison fails saying which it needs."""
+    monkeypatch.setitem(sys.modules, "transformers.models.deepseek_v4", None)
+    with pytest.raises(ImportError, match=r"transformers >= 5\.23"):
+        attention_bench.transformers_v4()
