@@ -15,6 +15,7 @@ from dsv4.attention import sparse_attention as attention_reference
 from dsv4.config import preset
 from dsv4.info import kv_bytes_per_token
 from dsv4.kernels import fp8_kv
+from dsv4.kernels.sparse_attn import _align
 from tests.conftest import DEVICE, needs_kernels, random_model, random_topk, rel_err
 
 pytestmark = needs_kernels
@@ -250,9 +251,19 @@ def test_paged_cache_bytes_match_analyser_and_info():
     assert per_token["heavily_compressed_attention"] == 584 / 128
     assert used["compressed"] + used["indexer_keys"] == (3000 // 4) * (584 + 68) + (3000 // 128) * 584
     assert cache.entries[2].shape[1] == cache.entries[3].shape[1] == 584
-    assert cache.keys[2].shape[1] == v4_indexer_key_format(flash).bytes == 68
+    key_bytes = cache.keys[2].shape[1] + cache.key_scales[2].shape[1]  # payload and scale planes
+    assert key_bytes == v4_indexer_key_format(flash).bytes == 68
     fp8 = PagedKVCache(flash, 1, 256, layers=[2])  # the default, as `dsv4 info`'s
-    assert fp8.keys[2].shape[1] == 132 == kv_bytes_per_token(one_csa_one_hca)["compressed_sparse_attention"] * 4 - 584
+    assert (fp8.keys[2].shape[1], fp8.key_scales[2].shape[1]) == (128, 4)
+    assert 128 + 4 == kv_bytes_per_token(one_csa_one_hca)["compressed_sparse_attention"] * 4 - 584
+
+
+def test_index_key_payload_rows_are_16_byte_aligned():
+    """The pool keeps index-key payloads and scales in two planes so the decode scorer's row loads can be
+    16-byte vectors (`_align`); in one 132-byte record the payload rows were only 4-byte aligned."""
+    cache = PagedKVCache(preset("flash"), 1, 256, layers=[2])
+    src = cache.key_source(2, [0])
+    assert _align(src.main) == 16 and src.main.shape[1] == 128 and src.scale.stride(0) == 1
 
 
 @pytest.mark.parametrize("kind", ["fp8", "fp4"])

@@ -269,7 +269,7 @@ class Engine:
             self._block_bytes = {r: 0 for r in self.pool.groups}
             for i, r in self.pool.ratios.items():
                 if r:
-                    keys = self.pool.keys[i].shape[1] if i in self.pool.keys else 0
+                    keys = self.pool.key_format.bytes if i in self.pool.keys else 0
                     self._block_bytes[r] += (self.pool.entry_bytes + keys) * self.pool.block_size
             log.info("paged KV pool: %d slots, %d tokens, %.1f MiB of a %.1f MiB budget", cfg.max_batch,
                      self.pool_tokens, self.pool.allocated_bytes() / 2**20, self.kv_budget / 2**20)

@@ -4,7 +4,12 @@ Per layer (heterogeneous, as in `dsv4.cache` but compact):
   window        ring of the last n_win KV records per sequence slot (position t in slot t % n_win)
   entries       compressed KV records (CSA: 1 per 4 tokens, HCA: 1 per 128) in fixed-size blocks
   index_keys    CSA only: the indexer's compressed keys, FP8 (128 E4M3 + fp32 scale, 132 B) or FP4
-                (E2M1 + 1 UE8M0 byte per 32 dims, 68 B: the release's format and what `dsv4 info` counts)
+                (E2M1 + 1 UE8M0 byte per 32 dims, 68 B: the release's format and what `dsv4 info` counts),
+                held as two planes of the same rows, payloads (`keys`, 128 / 64 B) and scales
+                (`key_scales`, 4 B): a 132-byte row would leave the payload only 4-byte aligned, so the
+                indexer's loads could not vectorise (on the H100 its decode scoring ran at ~1 TB/s over such
+                rows, while 256-byte bf16 rows moved twice the bytes in the same time, RESULTS.md "Decode
+                kernels v2"). Exported / loaded slots still carry whole 132 / 68-byte records.
   state         the compressors' unfinished-block rows (fp32 projections and gate logits)
 KV records are the 584-byte FP8 format of `fp8_kv`. Layers with the same compression ratio hold the
 same number of entries per sequence, so they share one block table: block ids are allocated once per
@@ -75,14 +80,16 @@ class PagedKVCache:
                                     scratch_row=n_blocks * block_size)
         self.window = {i: torch.zeros(max_seqs, config.sliding_window, self.entry_bytes, dtype=torch.uint8,
                                       device=dev) for i in self.layer_ids}
-        self.entries, self.keys, self.state = {}, {}, {}
+        self.entries, self.keys, self.key_scales, self.state = {}, {}, {}, {}
+        scale_bytes = self.key_format.scale_bytes
         for i, r in self.ratios.items():
             if not r:
                 continue
             rows = self.groups[r].scratch_row + 1
             self.entries[i] = torch.zeros(rows, self.entry_bytes, dtype=torch.uint8, device=dev)
             if r == 4:
-                self.keys[i] = torch.zeros(rows, self.key_format.bytes, dtype=torch.uint8, device=dev)
+                self.keys[i] = torch.zeros(rows, self.key_format.bytes - scale_bytes, dtype=torch.uint8, device=dev)
+                self.key_scales[i] = torch.zeros(rows, scale_bytes, dtype=torch.uint8, device=dev)
             self.state[i] = torch.zeros(max_seqs, compressor_state_bytes(config, r) // 4, dtype=torch.float32,
                                         device=dev)
 
@@ -198,9 +205,18 @@ class PagedKVCache:
         """x (n, D) -> its stored format at pool `rows`: index keys in this cache's key format, KV entries as
         the 584-byte FP8 record."""
         if index_keys:
-            self.keys[layer][rows] = self.quantize_index_keys(x)
+            self._write_key_records(layer, rows, self.quantize_index_keys(x))
         else:
             self.entries[layer][rows] = fp8_kv.pack(*fp8_kv.quantize(x, self.config.qk_rope_head_dim))
+
+    def key_records(self, layer: int, rows: torch.Tensor | slice) -> torch.Tensor:
+        """Whole index-key records (n, key bytes) of pool `rows`: payload then scale, `fp8_kv`'s format."""
+        return torch.cat((self.keys[layer][rows], self.key_scales[layer][rows]), dim=-1)
+
+    def _write_key_records(self, layer: int, rows: torch.Tensor, raw: torch.Tensor) -> None:
+        split = self.keys[layer].shape[1]
+        self.keys[layer][rows] = raw[:, :split]
+        self.key_scales[layer][rows] = raw[:, split:]
 
     def quantize_index_keys(self, keys: torch.Tensor) -> torch.Tensor:
         """(n, Di) -> (n, key bytes) uint8 (`fp8_kv.quantize_index_keys` in this cache's format)."""
@@ -212,15 +228,15 @@ class PagedKVCache:
     def gather_index_keys(self, layer: int, slot: int, n: int | None = None) -> torch.Tensor:
         """Reference read: the first `n` (default: all finished) index keys of `slot`, fp32 (n, Di)."""
         n = self.num_entries(layer, slot) if n is None else n
-        return self.dequantize_index_keys(self.keys[layer][self._rows(4, slot, 0, n)])
+        return self.dequantize_index_keys(self.key_records(layer, self._rows(4, slot, 0, n)))
 
     def key_source(self, layer: int, slots: torch.Tensor | list[int]):
         """The indexer decode kernel's view of the FP8 keys (`indexer_decode.KeySource`)."""
         from .indexer_decode import KeySource
         if self.index_keys != "fp8":
             raise NotImplementedError("the indexer decode kernel reads FP8 keys; FP4 keys take the reference path")
-        di, raw = self.config.index_head_dim, self.keys[layer]
-        return KeySource(main=raw[:, :di].view(torch.float8_e4m3fn), scale=raw[:, di:di + 4].view(torch.float32)[:, 0],
+        return KeySource(main=self.keys[layer].view(torch.float8_e4m3fn),
+                         scale=self.key_scales[layer].view(torch.float32)[:, 0],
                          table=self.groups[4].table[slots].contiguous(), block_size=self.block_size)
 
     # ------------------------------------------------------------------ kernel views
@@ -261,7 +277,8 @@ class PagedKVCache:
         return out
 
     def allocated_bytes(self) -> int:
-        pools = [*self.window.values(), *self.entries.values(), *self.keys.values(), *self.state.values()]
+        pools = [*self.window.values(), *self.entries.values(), *self.keys.values(), *self.key_scales.values(),
+                 *self.state.values()]
         tables = [g.table for g in self.groups.values()]
         return sum(t.numel() * t.element_size() for t in pools + tables)
 
@@ -280,7 +297,7 @@ class PagedKVCache:
                 rows = self._rows(r, slot, 0, n // r)
                 out[f"entries.{i}"] = self.entries[i][rows]  # advanced indexing: a copy
                 if r == 4:
-                    out[f"keys.{i}"] = self.keys[i][rows]
+                    out[f"keys.{i}"] = self.key_records(i, rows)
                 out[f"state.{i}"] = self.state[i][slot].clone()
         return out
 
@@ -320,6 +337,6 @@ class PagedKVCache:
             if r:
                 self.entries[i][rows[r]] = tensors[f"entries.{i}"].to(rows[r].device)
                 if r == 4:
-                    self.keys[i][rows[r]] = tensors[f"keys.{i}"].to(rows[r].device)
+                    self._write_key_records(i, rows[r], tensors[f"keys.{i}"].to(rows[r].device))
                 self.state[i][slot] = tensors[f"state.{i}"].to(rows[r].device)
         self.lengths[slot] = n
