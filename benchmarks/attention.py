@@ -120,15 +120,22 @@ def gqa_decode(ctx):
 
 
 def fp8_index_keys(n: int, batch: int, block: int = 64) -> KeySource:
-    """n random indexer keys per sequence as the paged cache stores them (128 E4M3 + fp32 scale = 132 B)."""
+    """n random indexer keys per sequence as the paged cache stores them (128 E4M3 + fp32 scale = 132 B, in two
+    planes: 128-byte payload rows, the scales apart)."""
     n_blocks = max(1, math.ceil(n / block))
     x = torch.randn(batch * n_blocks * block, DI, device=DEV)
     scale = (x.abs().amax(-1, keepdim=True) / 448.0).clamp(min=1e-12)
-    raw = torch.empty(x.shape[0], DI + 4, dtype=torch.uint8, device=DEV)
-    raw[:, :DI] = (x / scale).to(torch.float8_e4m3fn).view(torch.uint8)
-    raw[:, DI:] = scale.view(torch.uint8)
     table = torch.randperm(batch * n_blocks, device=DEV, dtype=torch.int32).view(batch, n_blocks)
-    return KeySource(main=raw[:, :DI].view(torch.float8_e4m3fn), table=table, block_size=block,
+    return KeySource(main=(x / scale).to(torch.float8_e4m3fn), table=table, block_size=block, scale=scale[:, 0])
+
+
+def as_records(src: KeySource) -> KeySource:
+    """The same keys in the pool's layout before session 4: one 132-byte record per key, so the payload rows
+    are only 4-byte aligned (what the two planes are measured against)."""
+    n = src.main.shape[0]
+    raw = torch.empty(n, DI + 4, dtype=torch.uint8, device=src.main.device)
+    raw[:, :DI], raw[:, DI:] = src.main.view(torch.uint8), src.scale.view(torch.uint8).view(n, 4)
+    return KeySource(main=raw[:, :DI].view(torch.float8_e4m3fn), table=src.table, block_size=src.block_size,
                      scale=raw.view(torch.float32)[:, DI // 4])
 
 
@@ -158,9 +165,11 @@ def attn_fn(x, ctx, ratio, kernel=attend_decode, topk=None, **kw):
                           rope_dim=RD, **kw)
 
 
-def indexer_fn(x, ctx, **kw):
+def indexer_fn(x, ctx, key_layout="planes", **kw):
+    """`key_layout` "records": the same keys as one 132-byte record each (`as_records`)."""
     B = x["q"].shape[0]
-    return lambda: indexer_topk_decode(x["iq"], x["w"], x["ikeys"], x["pos"].view(B), x["n_comp"][4], 4, TOPK,
+    keys = as_records(x["ikeys"]) if key_layout == "records" else x["ikeys"]
+    return lambda: indexer_topk_decode(x["iq"], x["w"], keys, x["pos"].view(B), x["n_comp"][4], 4, TOPK,
                                        ctx // 4, ws=x["ws"], **kw)
 
 
@@ -176,7 +185,10 @@ def v4_decode(ctx, batch=1, legacy=True, tuned=None):
     emit(case="csa_decode_attn", ctx=ctx, batch=batch, ms=ms, bytes=csa_bytes, flops=batch * 4 * H * D * (WIN + TOPK))
     out["csa_indexer"] = ms = bench_graph(indexer_fn(x, ctx, **tuned.get("indexer", {})))
     emit(case="csa_decode_indexer", ctx=ctx, batch=batch, ms=ms, bytes=idx_bytes, flops=batch * 2 * HI * DI * n4,
-         keys="fp8+scale (132 B)")
+         keys="fp8 + scale planes (132 B)")
+    ms = bench_graph(indexer_fn(x, ctx, key_layout="records", **tuned.get("indexer", {})))
+    emit(case="csa_decode_indexer_records132", ctx=ctx, batch=batch, ms=ms, bytes=idx_bytes, flops=batch * 2 * HI * DI * n4,
+         keys="one 132-byte record per key (payload rows 4-byte aligned): the pool's layout before session 4")
     step_idx = indexer_fn(x, ctx, **tuned.get("indexer", {}))
     B = batch
     step = lambda: attn_fn(x, ctx, 4, topk=step_idx().view(B, 1, TOPK), **tuned.get("csa", {}))()

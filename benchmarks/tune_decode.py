@@ -45,6 +45,7 @@ ATTN_VARIANTS = {
 CSA_SKIP = {"contiguous_blocks", "more_splits_chunk64", "more_splits_chunk32", "h64_vs4_qk_groups_chunk64"}
 INDEXER_VARIANTS = {  # the key pool's blocks are 64 keys: contiguous_blocks needs block_n <= 64
     "default": {},
+    "records_132B": dict(key_layout="records"),  # the key pool's layout before session 4 (4-byte aligned rows)
     "bn64": dict(block_n=64),
     "bn64_contiguous": dict(block_n=64, contiguous_blocks=True),
     "tile512": dict(tile=512),
