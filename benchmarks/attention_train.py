@@ -36,6 +36,9 @@ import time
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from sm90 import compile_sm90, record_launches  # noqa: E402,F401 (benchmarks/ is the script's folder; tests use both)
+
 FLASH = dict(H=64, D=512, window=128, topk=512, ratios={"csa": 4, "hca": 128}, dtype=torch.bfloat16)
 DRY = dict(H=4, D=32, window=8, topk=8, ratios={"csa": 4, "hca": 16}, dtype=torch.float32)
 
@@ -65,33 +68,6 @@ def rel_err(a, b) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-30)).item()
 
 
-def record_launches(run) -> list:
-    """The kernel launches `run()` makes, recorded instead of run: [(kernel, args, kwargs)]. Give it meta
-    tensors (nothing is allocated, no device needed)."""
-    import triton
-
-    from dsv4.kernels import sparse_attn_train as sat
-
-    launches = []
-
-    class Recorder:
-        def __init__(self, kernel):
-            self.kernel = kernel
-
-        def __getitem__(self, grid):
-            return lambda *a, **kw: launches.append((self.kernel, a, kw))
-
-    real = {n: v for n, v in vars(sat).items() if isinstance(v, triton.runtime.JITFunction)}
-    try:
-        for n, kernel in real.items():
-            setattr(sat, n, Recorder(kernel))
-        run()
-    finally:
-        for n, kernel in real.items():
-            setattr(sat, n, kernel)
-    return launches
-
-
 def flash_layers(dtype: torch.dtype, tiles: dict, S: int = 4096):
     """One CSA and one HCA layer's forward + backward at Flash dims on meta tensors (for `record_launches`)."""
     from dsv4.kernels.sparse_attn_train import Tiles, sparse_attention_train
@@ -107,65 +83,6 @@ def flash_layers(dtype: torch.dtype, tiles: dict, S: int = 4096):
         out = sparse_attention_train(q, kv, torch.arange(S, device="meta"), comp, tk, ratio, sink, D ** -0.5,
                                      window, tiles=Tiles(**tiles))
         torch.autograd.grad(out, (q, kv, comp, sink), torch.empty_like(out))
-
-
-def sm90_source(kernel, args: tuple, kwargs: dict):
-    """(ASTSource, options) of one recorded launch, specialised by the JIT's own rule (ints == 1 become
-    constants; ints and pointers divisible by 16 carry that hint, which lets loads vectorise and pipeline:
-    without the hints the shared memory comes out far smaller than on the GPU)."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, make_backend
-    from triton.runtime.jit import native_specialize_impl
-
-    backend = make_backend(GPUTarget("cuda", 90, 32))
-    options = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}
-    bound = dict(zip(kernel.arg_names, args)) | {k: v for k, v in kwargs.items() if k not in options}
-    signature, constexprs, attrs = {}, {}, {}
-    for i, name in enumerate(kernel.arg_names):
-        spec = ("constexpr", None) if i in kernel.constexprs else \
-            native_specialize_impl(backend, bound[name], False, True, True)
-        signature[name] = spec[0]
-        if spec[0] == "constexpr":
-            constexprs[name] = bound[name]
-        elif isinstance(spec[1], str):
-            attrs[(i,)] = backend.parse_attr(spec[1])
-    return ASTSource(kernel, signature, constexprs, attrs), options
-
-
-def compile_sm90(launches: list, spills: bool = False) -> list[dict]:
-    """Compile each distinct recorded launch for sm_90a: its shared memory per program and, with `spills`,
-    ptxas's registers and spill bytes (a second ptxas pass over the PTX)."""
-    import re
-    import subprocess
-    import tempfile
-
-    import triton
-    from triton.backends.compiler import GPUTarget
-
-    out, seen = [], set()
-    for kernel, args, kwargs in launches:
-        src, options = sm90_source(kernel, args, kwargs)
-        key = (src.hash(), tuple(sorted(options.items())))
-        if key in seen:
-            continue
-        seen.add(key)
-        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
-        consts = {kernel.arg_names[i]: v for (i,), v in src.constants.items()}
-        rec = dict(kernel=kernel.__name__, shared=compiled.metadata.shared, num_warps=compiled.metadata.num_warps,
-                   num_stages=compiled.metadata.num_stages,
-                   constexprs={k: v for k, v in consts.items() if k not in ("D", "BLOCK_D")})
-        if spills:
-            from triton.backends.nvidia.compiler import get_ptxas
-
-            with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
-                f.write(compiled.asm["ptx"])
-                f.flush()
-                log = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name=sm_90a", f.name, "-o", "/dev/null"],
-                                     capture_output=True, text=True, check=True).stderr
-            rec["registers"] = int(re.search(r"Used (\d+) registers", log).group(1))
-            rec["spill_bytes"] = sum(int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", log))
-        out.append(rec)
-    return out
 
 
 def main() -> None:
