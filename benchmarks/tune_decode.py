@@ -41,6 +41,13 @@ ATTN_VARIANTS = {
     "h64_vs4": dict(block_h=64, value_split=4),
     "h64_vs4_qk_groups_chunk64": dict(block_h=64, value_split=4, qk_groups=True, chunk=64),
     "h64_vs4_qk_groups_bn16": dict(block_h=64, value_split=4, qk_groups=True, block_n=16),
+    # No dequantised key (session 4): offline sm_90 builds (decode_sass.py) count 589 warp-instructions per key
+    # for 32 heads x 8 warps, 744-770 for the others, vs 1,018 for the default (HCA at 1M), all spill-free.
+    "grouped": dict(grouped=True),
+    "grouped_8warps": dict(grouped=True, num_warps=8),
+    "grouped_h32_8warps": dict(grouped=True, block_h=32, num_warps=8),
+    "grouped_bn16": dict(grouped=True, block_n=16),
+    "grouped_h32_bn16_8warps": dict(grouped=True, block_h=32, block_n=16, num_warps=8),
 }
 CSA_SKIP = {"contiguous_blocks", "more_splits_chunk64", "more_splits_chunk32", "h64_vs4_qk_groups_chunk64"}
 INDEXER_VARIANTS = {  # the key pool's blocks are 64 keys: contiguous_blocks needs block_n <= 64
