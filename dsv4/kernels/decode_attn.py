@@ -173,6 +173,21 @@ def _step_grouped(q3, qr, X, XR, XS, s0, sr, ss, rows, valid, m_i, l_i, acc3, ac
     return m_new, l_i, acc3, acc_r
 
 
+@triton.jit
+def _fold(q, qr, QROW, qmask, X, XR, XS, s0, sr, ss, rows, valid, m_i, l_i, acc, acc_r, qk_scale, d0,
+          ALIGN: tl.constexpr, RALIGN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+          NOPE: tl.constexpr, RD: tl.constexpr, ROPE: tl.constexpr, GS: tl.constexpr, FP8: tl.constexpr,
+          PREC: tl.constexpr, DV: tl.constexpr, GSV: tl.constexpr, QK_GROUPS: tl.constexpr, GROUPED: tl.constexpr,
+          NG: tl.constexpr):
+    """One key block into the softmax state, by the step the launch chose (`_step_grouped` or `_step`)."""
+    if GROUPED:
+        return _step_grouped(q, qr, X, XR, XS, s0, sr, ss, rows, valid, m_i, l_i, acc, acc_r, qk_scale, ALIGN, RALIGN,
+                             NOPE, RD, ROPE, NG, PREC)
+    else:
+        return _step(q, qr, QROW, qmask, X, XR, XS, s0, sr, ss, rows, valid, m_i, l_i, acc, acc_r, qk_scale, d0, ALIGN,
+                     RALIGN, BLOCK_N, BLOCK_M, NOPE, RD, ROPE, GS, FP8, PREC, DV, GSV, QK_GROUPS)
+
+
 @triton.jit(do_not_specialize=["ZERO"])
 def _partial_kernel(ZERO, Q, sqb, sqh, POS,
                     W, WR, WS, sw0, swr, sws, WT, swt, WBS, WPOS0, WLO,
@@ -234,13 +249,9 @@ def _partial_kernel(ZERO, Q, sqb, sqh, POS,
             else:
                 li = t - pos0
             rows = _row_of(WT, swt, WBS, b, li, valid, ZERO)
-            if GROUPED:
-                m_i, l_i, acc, acc_r = _step_grouped(q, qr, W, WR, WS, sw0, swr, sws, rows, valid, m_i, l_i, acc,
-                                                     acc_r, qk_scale, W_ALIGN, W_RALIGN, NOPE, RD, ROPE, NG, PREC)
-            else:
-                m_i, l_i, acc, acc_r = _step(q, qr, qrow, hm[:, None], W, WR, WS, sw0, swr, sws, rows, valid, m_i,
-                                             l_i, acc, acc_r, qk_scale, d0, W_ALIGN, W_RALIGN, BLOCK_N, BLOCK_M,
-                                             NOPE, RD, ROPE, GS, W_FP8, PREC, DV, GSV, QK_GROUPS)
+            m_i, l_i, acc, acc_r = _fold(q, qr, qrow, hm[:, None], W, WR, WS, sw0, swr, sws, rows, valid, m_i, l_i, acc,
+                                         acc_r, qk_scale, d0, W_ALIGN, W_RALIGN, BLOCK_N, BLOCK_M, NOPE, RD, ROPE, GS,
+                                         W_FP8, PREC, DV, GSV, QK_GROUPS, GROUPED, NG)
     elif MODE > 0:  # compressed: HCA every finished entry (MODE 1), CSA the top-k list (MODE 2)
         nc = tl.load(NC + b)
         n_keys = entries_seen(pos, ratio, nc, K, MODE)
@@ -258,13 +269,9 @@ def _partial_kernel(ZERO, Q, sqb, sqh, POS,
                 rows = _block_rows(CT, sct, CBS, b, j0, BLOCK_N, ZERO)
             else:
                 rows = _row_of(CT, sct, CBS, b, j, valid, ZERO)
-            if GROUPED:
-                m_i, l_i, acc, acc_r = _step_grouped(q, qr, C, CR, CS, sc0, scr, scs, rows, valid, m_i, l_i, acc,
-                                                     acc_r, qk_scale, C_ALIGN, C_RALIGN, NOPE, RD, ROPE, NG, PREC)
-            else:
-                m_i, l_i, acc, acc_r = _step(q, qr, qrow, hm[:, None], C, CR, CS, sc0, scr, scs, rows, valid, m_i,
-                                             l_i, acc, acc_r, qk_scale, d0, C_ALIGN, C_RALIGN, BLOCK_N, BLOCK_M,
-                                             NOPE, RD, ROPE, GS, C_FP8, PREC, DV, GSV, QK_GROUPS)
+            m_i, l_i, acc, acc_r = _fold(q, qr, qrow, hm[:, None], C, CR, CS, sc0, scr, scs, rows, valid, m_i, l_i, acc,
+                                         acc_r, qk_scale, d0, C_ALIGN, C_RALIGN, BLOCK_N, BLOCK_M, NOPE, RD, ROPE, GS,
+                                         C_FP8, PREC, DV, GSV, QK_GROUPS, GROUPED, NG)
     base = (b * NSPLIT + split) * H + h  # (BH,) rows of the (B, NSPLIT, H) partial state
     po = PO + base[:, None] * BLOCK_D
     if GROUPED:
