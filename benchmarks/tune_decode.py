@@ -48,6 +48,10 @@ ATTN_VARIANTS = {
     "grouped_h32_8warps": dict(grouped=True, block_h=32, num_warps=8),
     "grouped_bn16": dict(grouped=True, block_n=16),
     "grouped_h32_bn16_8warps": dict(grouped=True, block_h=32, block_n=16, num_warps=8),
+    # Fewer splits: with 2 head blocks the default split rule gives ~128 splits at 1M, i.e. ~17 MB of fp32
+    # partial states written and merged (3.5x the 4.8 MB of keys read).
+    "grouped_h32_8warps_chunk256": dict(grouped=True, block_h=32, num_warps=8, chunk=256),
+    "grouped_h32_8warps_chunk512": dict(grouped=True, block_h=32, num_warps=8, chunk=512),
 }
 CSA_SKIP = {"contiguous_blocks", "more_splits_chunk64", "more_splits_chunk32", "h64_vs4_qk_groups_chunk64"}
 INDEXER_VARIANTS = {  # the key pool's blocks are 64 keys: contiguous_blocks needs block_n <= 64
