@@ -42,7 +42,8 @@ ATTN_VARIANTS = {
     "h64_vs4_qk_groups_chunk64": dict(block_h=64, value_split=4, qk_groups=True, chunk=64),
     "h64_vs4_qk_groups_bn16": dict(block_h=64, value_split=4, qk_groups=True, block_n=16),
     # No dequantised key (session 4): offline sm_90 builds (decode_sass.py) count 589 warp-instructions per key
-    # for 32 heads x 8 warps, 744-770 for the others, vs 1,018 for the default (HCA at 1M), all spill-free.
+    # for 32 heads x 8 warps and 744-770 for 8 warps / 16 keys (no spills), 659 for 4 warps (888 B spilled),
+    # vs 1,018 for the default (HCA at 1M, 612 B spilled).
     "grouped": dict(grouped=True),
     "grouped_8warps": dict(grouped=True, num_warps=8),
     "grouped_h32_8warps": dict(grouped=True, block_h=32, num_warps=8),
