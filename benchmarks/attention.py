@@ -18,18 +18,28 @@ Prefill runs at each --ctx up to --prefill-max: `--prefill-max 512K` adds the 51
 default --ctx list.
 
 `--vs-transformers` (only this): one whole layer as the model runs it (`dsv4.attention.Attention`: projections,
-compressor, indexer, the kernels; prefill in 8K-token chunks through its cache, like the prefill rows above) vs
-transformers' `DeepseekV4Attention` of the same type holding the same random weights (renamed by `dsv4.hf`), for
-a CSA layer (ratio 4) and an HCA layer (ratio 128) with Flash's attention dims (q LoRA rank 1024 too). Prefill at
-each --vs-transformers-ctx: ms (median of 3 after a warm-up) and peak GiB above weights and input per (impl, layer,
-ctx), "oom" where it does not fit (transformers scores every query against every token and compressed entry in
-dense (64, S, S + entries) tensors: its memory grows with S^2), the ours / transformers ratios where both ran, and
-at the first context the relative error between the two outputs (`BF16_TOL`). transformers' rows include its
-per-forward causal mask and RoPE tables, which a whole model builds once for all its layers.
-Needs transformers >= 5.23 (the GPU image's 5.17 has no DeepSeek-V4: carry the wheel, device README).
-Decode is not compared: transformers' layer can continue from a `DynamicCache(config=...)`, but that cache reaches
-a long context only through its dense prefill, and our layer decodes from the paged FP8 pool (`dsv4.paged`), whose
-kernels the decode rows above time.
+compressor, indexer, the kernels, over its `KVCache`) vs transformers' `DeepseekV4Attention` of the same type
+holding the same random weights (renamed by `dsv4.hf`), for a CSA layer (ratio 4) and an HCA layer (ratio 128) with
+Flash's attention dims (q LoRA rank 1024 too). At each --vs-transformers-ctx, per (impl, layer, ctx): ms and peak
+GiB, "oom" where it does not fit (the run goes on), the ours / transformers ratios where both ran, and at the first
+context the relative error between the two outputs (`BF16_TOL`), of
+  prefill  ours in 8K-token chunks through its cache (like the prefill rows above), transformers' in one call as
+           its model's forward: it scores every query against every token and compressed entry in dense
+           (64, S, S + entries) tensors, so its memory grows with S^2. Median of 3 after a warm-up; peak GiB above
+           weights and input
+  decode   one token after the ctx-token context. Each side's own cache is filled with the context in 8K-token
+           pieces, untimed (ours: `KVCache`; transformers': `DynamicCache(config=...)`, whose CSA / HCA layer
+           keeps the window and the compressor's and indexer's state: unfinished block, CSA's overlap half,
+           finished entries; in pieces its scores stay (64, 8K, 8K + window + entries), so the decode can run
+           where its one-call prefill did not fit); then a warm-up step and 10 timed ones (ms per token: median;
+           peak GiB above the filled cache), each appending its token; the last step's output (at ctx + 10) is the
+           one compared. transformers' decode continues its full forward exactly: on CPU in fp32 (tests, a
+           step that closes a CSA and an HCA block) both sides' decode agree to 2e-7, as the prefills do. Ours
+           decodes from the model-dtype cache through the seam's decode kernels (`decode_attn`, `indexer_decode`
+           over dense keys); the model's serving decode reads the paged FP8 pool (`dsv4.paged`), whose kernels the
+           decode rows above time
+transformers' rows include its per-forward causal mask and RoPE tables, which a whole model builds once for all
+its layers. Needs transformers >= 5.23 (the GPU image's 5.17 has no DeepSeek-V4: carry the wheel, device README).
 Usage: python benchmarks/attention.py [--ctx 8K,32K,...] [--prefill-max 128K | 512K] [--csa-prefill-1m] [--prev DIR]
        python benchmarks/attention.py --vs-transformers [--vs-transformers-ctx 4K,8K,16K,32K]
 """
@@ -39,6 +49,7 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib.util
+import itertools
 import json
 import math
 import os
@@ -490,10 +501,36 @@ def transformers_twin(model: Transformer, layer_id: int) -> torch.nn.Module:
     return twin.eval()
 
 
-def layer_pair(model: Transformer, layer_id: int, chunk: int = 8192):
-    """Prefill functions x (1, S, d) -> (1, S, d) of layer `layer_id`'s attention: ours (the module a block
-    calls, in `chunk`-token pieces through a fresh cache) and transformers' twin of it (one call, with the causal
-    mask and RoPE tables its model would hand every layer)."""
+class CachedLayer:
+    """One implementation of a layer's attention as its model runs it over a cache of its own kind:
+    `forward(x, start, cache)` takes x (1, S, d) at positions start .. start + S - 1 right after what `cache`
+    holds (and appends to it) -> (1, S, d); `new_cache()` gives an empty cache."""
+
+    def __init__(self, forward, new_cache):
+        self.forward, self.new_cache = forward, new_cache
+
+    @torch.inference_mode()  # also where the fill runs outside `measure`: no autograd state on the weights' tensors
+    def fill(self, x: torch.Tensor, chunk: int):
+        """x through a fresh cache in `chunk`-token pieces -> (output, the cache now holding all of x)."""
+        cache, out = self.new_cache(), torch.empty_like(x)
+        for s in range(0, x.shape[1], chunk):
+            out[:, s:s + chunk] = self.forward(x[:, s:s + chunk], s, cache)
+        return out, cache
+
+    def decoder(self, cache, start: int):
+        """One-token steps token (1, 1, d) -> (1, 1, d) continuing `cache` from position `start`: each call
+        appends its token, so the next one decodes the position after it."""
+        positions = itertools.count(start)
+        return lambda token: self.forward(token, next(positions), cache)
+
+
+def layer_pair(model: Transformer, layer_id: int) -> tuple[CachedLayer, CachedLayer]:
+    """Layer `layer_id`'s attention as ours (the module a block calls, over our `KVCache`) and transformers'
+    twin of it (over a `DynamicCache(config=...)`, whose layer for a CSA / HCA layer keeps the window and its
+    compressor's and indexer's state: unfinished blocks, overlap halves, finished entries), each called with
+    the RoPE tables and the mask its model would hand every layer. transformers' twin also runs without a cache
+    (cache None: its model's forward without `use_cache`, one call over all tokens)."""
+    from transformers.cache_utils import DynamicCache
     v4 = transformers_v4()
     attn = model.layers[layer_id].attn
     inv_freq = model.inv_freq_compress if attn.ratio else model.inv_freq_main
@@ -501,22 +538,20 @@ def layer_pair(model: Transformer, layer_id: int, chunk: int = 8192):
     with torch.device(attn.wq_a.weight.device):
         rotary = v4.DeepseekV4RotaryEmbedding(twin.config)
 
-    def ours(x):
-        cache, out = KVCache.empty(model.config), torch.empty_like(x)
-        for s in range(0, x.shape[1], chunk):
-            e = min(x.shape[1], s + chunk)
-            view = AttnView(slice(None), slice(None), torch.arange(s, e, device=x.device), cache)
-            out[:, s:e] = attn(x[:, s:e], [view], inv_freq)
-        return out
+    def ours(x, start, cache):
+        positions = torch.arange(start, start + x.shape[1], device=x.device)
+        return attn(x, [AttnView(slice(None), slice(None), positions, cache)], inv_freq)
 
-    def theirs(x):
-        pos = torch.arange(x.shape[1], device=x.device)[None]
+    def theirs(x, start, cache):
+        pos = torch.arange(start, start + x.shape[1], device=x.device)[None]
+        # sized against this layer's entry of the cache (the others stay empty: one layer runs here)
         mask = v4.create_sliding_window_causal_mask(config=twin.config, inputs_embeds=x, attention_mask=None,
-                                                    past_key_values=None, position_ids=pos)
+                                                    past_key_values=cache, position_ids=pos, layer_idx=layer_id)
         rope = {kind: rotary(x, pos, layer_type=kind) for kind in rotary.layer_types}  # "main" / "compress"
-        return twin(x, position_embeddings=rope, position_ids=pos, attention_mask=mask)[0]
+        return twin(x, position_embeddings=rope, position_ids=pos, attention_mask=mask, past_key_values=cache)[0]
 
-    return ours, theirs
+    return (CachedLayer(ours, lambda: KVCache.empty(model.config)),
+            CachedLayer(theirs, lambda: DynamicCache(config=twin.config)))
 
 
 def measure(fn, x: torch.Tensor, reps: int):
@@ -542,51 +577,79 @@ def measure(fn, x: torch.Tensor, reps: int):
     return statistics.median(times), peak, out
 
 
+def decode_after(impl: CachedLayer, x: torch.Tensor, token: torch.Tensor, chunk: int, steps: int):
+    """`measure` of one-token decode steps on `token` after the context x (1, ctx, d): impl's own cache filled
+    with x in `chunk`-token pieces (untimed), then a warm-up step and `steps` timed ones (each appends its token:
+    positions ctx, ctx + 1, ...; the output is the last step's, at ctx + steps)."""
+    return measure(impl.decoder(impl.fill(x, chunk)[1], x.shape[1]), token, steps)
+
+
+# The rows of each phase: timed (impl, layer, ctx), ours / transformers, the outputs' agreement
+ROWS = {"prefill": ("vs_transformers_prefill", "vs_transformers_ratio", "vs_transformers_check"),
+        "decode": ("vs_transformers_decode", "vs_transformers_decode_ratio", "vs_transformers_decode_check")}
+
+
+def compare_runs(phase: str, runs: dict, layer: str, ctx: int, check: bool, tol: float, **fields):
+    """Runs each of `runs` ({impl: () -> `measure`'s (ms, peak GiB, output)}) and emits `phase`'s rows (`ROWS`):
+    one per impl ("oom" where it did not fit; the next one still runs), the ratio where both ran, and with
+    `check` the relative error between the two outputs (`ok`: within `tol`). `fields` go into every row."""
+    case, ratio_case, check_case = ROWS[phase]
+    ms, gib, outs = {}, {}, {}
+    for impl, run in runs.items():
+        try:
+            ms[impl], gib[impl], out = run()
+        except torch.cuda.OutOfMemoryError:
+            out = None
+        if out is None:
+            emit(case=case, impl=impl, layer=layer, ctx=ctx, oom=True, **fields)
+            # past the except block, which kept the failed call's frames alive: collect what they held
+            # (in reference cycles too) and give its blocks back before the next call
+            gc.collect()
+            torch.cuda.empty_cache()
+            continue
+        emit(case=case, impl=impl, layer=layer, ctx=ctx, ms=ms[impl], peak_gib=gib[impl], **fields)
+        if check:
+            outs[impl] = out
+        del out
+    if len(ms) == 2:
+        emit(case=ratio_case, layer=layer, ctx=ctx, ms_ours_over_transformers=ms["dsv4"] / ms["transformers"],
+             peak_ours_over_transformers=None if gib["dsv4"] is None else gib["dsv4"] / gib["transformers"],
+             **fields)
+    if len(outs) == 2:
+        err = rel_err(outs["dsv4"], outs["transformers"])
+        emit(case=check_case, layer=layer, ctx=ctx, rel_err=err, tol=tol, ok=err <= tol, **fields)
+
+
 def compare_with_transformers(model: Transformer, ctxs: list[int], chunk: int = 8192, reps: int = 3,
-                              tol: float = BF16_TOL):
-    """Prefill of each compressed layer of `model` (CSA, HCA), ours vs transformers', at each of `ctxs`: one
-    JSON line per (impl, layer, ctx), "oom" where it did not fit, ratios where both ran, and at the first
-    context the relative error between the two outputs (`ok`: within `tol`)."""
+                              decode_steps: int = 10, tol: float = BF16_TOL):
+    """Each compressed layer of `model` (CSA, HCA), ours vs transformers', at each of `ctxs` (`compare_runs`'
+    rows, the outputs compared at the first context): prefill (ours in `chunk`-token pieces through its cache,
+    transformers' in one call), then one-token decode after ctx tokens: each side's own cache filled with them
+    in `chunk`-token pieces (untimed), `decode_steps` steps timed after a warm-up step, the last step's output
+    (position ctx + decode_steps) compared."""
     import transformers
     device = model.embed.weight.device
     emit(case="vs_transformers_setup", transformers=transformers.__version__, kernels=kernels.backend(), chunk=chunk,
-         reps=reps, heads=model.config.num_attention_heads, head_dim=model.config.head_dim,
-         q_lora_rank=model.config.q_lora_rank, index_topk=model.config.index_topk,
+         reps=reps, decode_steps=decode_steps, heads=model.config.num_attention_heads,
+         head_dim=model.config.head_dim, q_lora_rank=model.config.q_lora_rank, index_topk=model.config.index_topk,
          window=model.config.sliding_window)
     for layer_id, ratio in enumerate(model.config.layer_ratios):
         if not ratio:
             continue
         layer = "csa" if ratio == 4 else "hca"
-        impls = dict(zip(("dsv4", "transformers"), layer_pair(model, layer_id, chunk)))
+        ours, theirs = layer_pair(model, layer_id)
+        impls = {"dsv4": ours, "transformers": theirs}
+        dtype = model.layers[layer_id].attn.wq_a.weight.dtype
         for i, ctx in enumerate(ctxs):
             gen = torch.Generator(device=device).manual_seed(ctx)
-            x = torch.randn(1, ctx, model.config.hidden_size, generator=gen, device=device,
-                            dtype=model.layers[layer_id].attn.wq_a.weight.dtype)
-            ms, gib, outs = {}, {}, {}
-            for impl, fn in impls.items():
-                try:
-                    ms[impl], gib[impl], out = measure(fn, x, reps)
-                except torch.cuda.OutOfMemoryError:
-                    out = None
-                if out is None:
-                    emit(case="vs_transformers_prefill", impl=impl, layer=layer, ctx=ctx, oom=True)
-                    # past the except block, which kept the failed call's frames alive: collect what they held
-                    # (in reference cycles too) and give its blocks back before the next call
-                    gc.collect()
-                    torch.cuda.empty_cache()
-                    continue
-                emit(case="vs_transformers_prefill", impl=impl, layer=layer, ctx=ctx, ms=ms[impl],
-                     peak_gib=gib[impl])
-                if i == 0:  # the outputs are compared at the first context only
-                    outs[impl] = out
-                del out
-            if len(ms) == 2:
-                emit(case="vs_transformers_ratio", layer=layer, ctx=ctx, ms_ours_over_transformers=ms["dsv4"] /
-                     ms["transformers"], peak_ours_over_transformers=None if gib["dsv4"] is None else
-                     gib["dsv4"] / gib["transformers"])
-            if len(outs) == 2:
-                err = rel_err(outs["dsv4"], outs["transformers"])
-                emit(case="vs_transformers_check", layer=layer, ctx=ctx, rel_err=err, tol=tol, ok=err <= tol)
+            x = torch.randn(1, ctx, model.config.hidden_size, generator=gen, device=device, dtype=dtype)
+            token = torch.randn(1, 1, model.config.hidden_size, generator=gen, device=device, dtype=dtype)
+            prefill = {"dsv4": lambda: measure(lambda x_: ours.fill(x_, chunk)[0], x, reps),
+                       "transformers": lambda: measure(lambda x_: theirs.forward(x_, 0, None), x, reps)}
+            compare_runs("prefill", prefill, layer, ctx, i == 0, tol)
+            decode = {name: lambda impl=impl: decode_after(impl, x, token, chunk, decode_steps)
+                      for name, impl in impls.items()}
+            compare_runs("decode", decode, layer, ctx, i == 0, tol, steps=decode_steps)
 
 
 def kv_bytes_summary():
@@ -617,8 +680,9 @@ def main(argv=None):
     ap.add_argument("--profile", action="store_true", help="first: per-kernel device time of the decode steps")
     ap.add_argument("--no-hca-prefill", action="store_true", help="prefill: CSA only")
     ap.add_argument("--vs-transformers", action="store_true",
-                    help="only: prefill of a CSA and an HCA layer, ours vs transformers' DeepseekV4Attention")
-    ap.add_argument("--vs-transformers-ctx", default="4K,8K,16K,32K", help="--vs-transformers: prefill lengths")
+                    help="only: prefill and decode of a CSA and an HCA layer vs transformers' DeepseekV4Attention")
+    ap.add_argument("--vs-transformers-ctx", default="4K,8K,16K,32K",
+                    help="--vs-transformers: prefill lengths, and the contexts decode continues")
     args = ap.parse_args(argv)
     PREV.update(load_prev(args.prev) if args.prev else {})
     if args.vs_transformers:

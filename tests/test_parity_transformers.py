@@ -96,41 +96,61 @@ def json_lines(text):
 
 
 def test_attention_layer_benchmark_matches_transformers(attention_bench, capsys):
-    """`attention.py --vs-transformers` on CPU at a tiny size: our CSA and HCA layers (prefill in chunks through
-    the cache) and transformers' twins (same weight tensors via dsv4.hf) give one output, and every row is there."""
+    """`attention.py --vs-transformers` on CPU at a tiny size: our CSA and HCA layers and transformers' twins
+    (same weight tensors via dsv4.hf) give one output in prefill (ours in chunks through the cache) and in
+    decode (each side's own cache filled with the context, then one-token steps), and every row is there."""
     config = preset("tiny").replace(compress_ratios=[4, 128], num_hidden_layers=2, num_hash_layers=0,
-                                    index_n_heads=8, initializer_range=0.1)
-    # 260 tokens: 65 CSA entries of which top-k keeps 3, 2 HCA entries, 8-token window, chunks of 96
-    attention_bench.compare_with_transformers(random_model(config, seed=5), [260], chunk=96, reps=1)
+                                    index_n_heads=8, index_topk=4, initializer_range=0.1)
+    model = random_model(config, seed=36)
+    picked = []  # our CSA indexer's top-k of each call
+    model.layers[0].attn.indexer.register_forward_hook(lambda module, args, topk: picked.append(topk))
+    # 380 tokens: 95 CSA entries of which top-k keeps 4, 2 HCA entries, 8-token window, chunks of 96. Decode: a
+    # warm-up step and 3 timed ones at positions 380-383; the compared last one closes a CSA and an HCA block, so
+    # both compressors finish an entry from their decode state (the unfinished block, CSA's overlap half) and
+    # the token attends to it: as to every HCA entry, and (this seed) picked by CSA's indexer. A top-k of 16 would
+    # reach indexer scores tied at 0 (every head's ReLU zero), which ours (lowest index first) and torch.topk
+    # break differently
+    attention_bench.compare_with_transformers(model, [380], chunk=96, reps=1, decode_steps=3)
+    assert 384 // 4 - 1 in picked[-1][0, -1]
     rows = json_lines(capsys.readouterr().out)
-    checks = {r["layer"]: r for r in rows if r["case"] == "vs_transformers_check"}
-    assert sorted(checks) == ["csa", "hca"]
-    for r in checks.values():
-        assert r["rel_err"] < 1e-5 and r["ok"], r
-    timed = {(r["impl"], r["layer"]) for r in rows if r["case"] == "vs_transformers_prefill" and r["ms"] > 0}
-    assert timed == {(impl, layer) for impl in ("dsv4", "transformers") for layer in ("csa", "hca")}
-    assert len([r for r in rows if r["case"] == "vs_transformers_ratio"]) == 2
+    for case, ratio_case, check_case in [("vs_transformers_prefill", "vs_transformers_ratio", "vs_transformers_check"),
+                                         ("vs_transformers_decode", "vs_transformers_decode_ratio",
+                                          "vs_transformers_decode_check")]:
+        checks = {r["layer"]: r for r in rows if r["case"] == check_case}
+        assert sorted(checks) == ["csa", "hca"], case
+        for r in checks.values():
+            assert r["rel_err"] < 1e-5 and r["ok"], r
+        timed = {(r["impl"], r["layer"]) for r in rows if r["case"] == case and r["ms"] > 0}
+        assert timed == {(impl, layer) for impl in ("dsv4", "transformers") for layer in ("csa", "hca")}, case
+        assert len([r for r in rows if r["case"] == ratio_case]) == 2, case
+    assert {r["steps"] for r in rows if r["case"].startswith("vs_transformers_decode")} == {3}
 
 
 def test_attention_layer_benchmark_goes_on_after_out_of_memory(attention_bench, capsys, monkeypatch):
-    """A context that runs out of memory gets an "oom" row and no ratio; the next layer still runs."""
+    """A context that runs out of memory gets an "oom" row and no ratio; the next layer still runs. Simulated:
+    transformers' one-call prefill of more than 40 tokens, its decode step over a cache of 48 tokens (the
+    16-token pieces that fill that cache fit)."""
     config = preset("tiny").replace(compress_ratios=[4, 128], num_hidden_layers=2, num_hash_layers=0)
     v4 = attention_bench.transformers_v4()
     forward = v4.DeepseekV4Attention.forward
 
-    def small_only(self, hidden_states, *args, **kwargs):
-        if hidden_states.shape[1] > 40:
+    def small_only(self, hidden_states, *args, past_key_values=None, **kwargs):
+        cached = 0 if past_key_values is None else past_key_values.get_seq_length(self.layer_idx)
+        if hidden_states.shape[1] > 40 or cached >= 48:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
-        return forward(self, hidden_states, *args, **kwargs)
+        return forward(self, hidden_states, *args, past_key_values=past_key_values, **kwargs)
 
     monkeypatch.setattr(v4.DeepseekV4Attention, "forward", small_only)
-    attention_bench.compare_with_transformers(random_model(config, seed=6), [40, 48], chunk=16, reps=1)
+    attention_bench.compare_with_transformers(random_model(config, seed=6), [40, 48], chunk=16, reps=1,
+                                              decode_steps=1)
     rows = json_lines(capsys.readouterr().out)
-    oom = [(r["impl"], r["layer"], r["ctx"]) for r in rows if r.get("oom")]
-    assert oom == [("transformers", "csa", 48), ("transformers", "hca", 48)]
-    assert [(r["layer"], r["ctx"]) for r in rows if r["case"] == "vs_transformers_ratio"] == [("csa", 40), ("hca", 40)]
-    assert {(r["impl"], r["ctx"]) for r in rows if r["case"] == "vs_transformers_prefill" and "ms" in r} == {
-        ("dsv4", 40), ("dsv4", 48), ("transformers", 40)}
+    for case, ratio_case in [("vs_transformers_prefill", "vs_transformers_ratio"),
+                             ("vs_transformers_decode", "vs_transformers_decode_ratio")]:
+        oom = [(r["impl"], r["layer"], r["ctx"]) for r in rows if r["case"] == case and r.get("oom")]
+        assert oom == [("transformers", "csa", 48), ("transformers", "hca", 48)], case
+        assert [(r["layer"], r["ctx"]) for r in rows if r["case"] == ratio_case] == [("csa", 40), ("hca", 40)], case
+        assert {(r["impl"], r["ctx"]) for r in rows if r["case"] == case and "ms" in r} == {
+            ("dsv4", 40), ("dsv4", 48), ("transformers", 40)}, case
 
 
 def test_attention_layer_benchmark_names_the_transformers_it_needs(attention_bench, monkeypatch):
