@@ -22,24 +22,28 @@ compressor, indexer, the kernels, over its `KVCache`) vs transformers' `Deepseek
 holding the same random weights (renamed by `dsv4.hf`), for a CSA layer (ratio 4) and an HCA layer (ratio 128) with
 Flash's attention dims (q LoRA rank 1024 too). At each --vs-transformers-ctx, per (impl, layer, ctx): ms and peak
 GiB, "oom" where it does not fit (the run goes on), the ours / transformers ratios where both ran, and at the first
-context the relative error between the two outputs (`BF16_TOL`), of
+context the relative error between the two outputs, of
   prefill  ours in 8K-token chunks through its cache (like the prefill rows above), transformers' in one call as
            its model's forward: it scores every query against every token and compressed entry in dense
            (64, S, S + entries) tensors, so its memory grows with S^2. Median of 3 after a warm-up; peak GiB above
-           weights and input
+           weights and input; outputs against `BF16_TOL`
   decode   one token after the ctx-token context. Each side's own cache is filled with the context in 8K-token
            pieces, untimed (ours: `KVCache`; transformers': `DynamicCache(config=...)`, whose CSA / HCA layer
            keeps the window and the compressor's and indexer's state: unfinished block, CSA's overlap half,
            finished entries; in pieces its scores stay (64, 8K, 8K + window + entries), so the decode can run
            where its one-call prefill did not fit); then a warm-up step and 10 timed ones (ms per token: median;
            peak GiB above the filled cache), each appending its token; the last step's output (at ctx + 10) is the
-           one compared. transformers' decode continues its full forward exactly: on CPU in fp32 (tests, a
-           step that closes a CSA and an HCA block) both sides' decode agree to 2e-7, as the prefills do. Ours
-           decodes from the model-dtype cache through the seam's decode kernels (`decode_attn`, `indexer_decode`
-           over dense keys); the model's serving decode reads the paged FP8 pool (`dsv4.paged`), whose kernels the
-           decode rows above time
+           one compared, against `DECODE_BF16_TOL`: one token's output, where a bf16 top-k swap weighs more than
+           in prefill's average over ctx rows. transformers' decode continues its full forward exactly: in fp32
+           both sides' decode agree to 2e-7 on CPU (tests, a step that closes a CSA and an HCA block) and equal
+           transformers' one-call forward to < 1e-4 on an H200 at Flash dims (4K, 8K). Ours decodes from the
+           model-dtype cache through the seam's decode kernels (`decode_attn`, `indexer_decode` over dense keys);
+           the model's serving decode reads the paged FP8 pool (`dsv4.paged`), whose kernels the decode rows above
+           time
 transformers' rows include its per-forward causal mask and RoPE tables, which a whole model builds once for all
-its layers. Needs transformers >= 5.23 (the GPU image's 5.17 has no DeepSeek-V4: carry the wheel, device README).
+its layers. Needs transformers >= 5.23 (the GPU image's 5.17 has no DeepSeek-V4: carry the wheels, device README;
+these ran on the H200 image: transformers 5.23.0, huggingface-hub 1.33.0 (2.x imports httpx2, which it lacks),
+tokenizers 0.23.3, safetensors 0.8.0, regex 2026.12.2).
 Usage: python benchmarks/attention.py [--ctx 8K,32K,...] [--prefill-max 128K | 512K] [--csa-prefill-1m] [--prev DIR]
        python benchmarks/attention.py --vs-transformers [--vs-transformers-ctx 4K,8K,16K,32K]
 """
@@ -467,6 +471,12 @@ TRANSFORMERS_NEEDED = "5.23"  # the first release with DeepSeek-V4 (DeepseekV4Fo
 # (2^-8 = 0.4 %) at its own points, and a near-tie in the indexer's scores can swap an entry at the top-k boundary.
 # A 384-token run at Flash dims on CPU (reference kernels; top-k not yet selective there) gives 0.6 %.
 BF16_TOL = 0.03
+# One decoded token's output is not an average over ctx rows: in bf16 every run, transformers' own included, picks 1-2
+# of the 512 CSA entries that the fp32 run does not (near-ties at the top-k boundary), and one such swap moves that
+# token's output by several %. H200, Flash dims, ctx 4K / 8K: ours vs transformers 0.046 / 0.031 at the compared
+# step, up to 0.062 / 0.093 over 11 steps, HCA (no top-k) 0.006; in fp32 (no TF32) ours, Triton or reference
+# kernels, and transformers' decode all equal transformers' one-call forward over the same tokens to < 1e-4.
+DECODE_BF16_TOL = 0.1
 
 
 def transformers_v4():
@@ -621,12 +631,12 @@ def compare_runs(phase: str, runs: dict, layer: str, ctx: int, check: bool, tol:
 
 
 def compare_with_transformers(model: Transformer, ctxs: list[int], chunk: int = 8192, reps: int = 3,
-                              decode_steps: int = 10, tol: float = BF16_TOL):
+                              decode_steps: int = 10, tol: float = BF16_TOL, decode_tol: float = DECODE_BF16_TOL):
     """Each compressed layer of `model` (CSA, HCA), ours vs transformers', at each of `ctxs` (`compare_runs`'
     rows, the outputs compared at the first context): prefill (ours in `chunk`-token pieces through its cache,
-    transformers' in one call), then one-token decode after ctx tokens: each side's own cache filled with them
-    in `chunk`-token pieces (untimed), `decode_steps` steps timed after a warm-up step, the last step's output
-    (position ctx + decode_steps) compared."""
+    transformers' in one call; `tol`), then one-token decode after ctx tokens: each side's own cache filled with
+    them in `chunk`-token pieces (untimed), `decode_steps` steps timed after a warm-up step, the last step's
+    output (position ctx + decode_steps) compared (`decode_tol`)."""
     import transformers
     device = model.embed.weight.device
     emit(case="vs_transformers_setup", transformers=transformers.__version__, kernels=kernels.backend(), chunk=chunk,
@@ -649,7 +659,7 @@ def compare_with_transformers(model: Transformer, ctxs: list[int], chunk: int = 
             compare_runs("prefill", prefill, layer, ctx, i == 0, tol)
             decode = {name: lambda impl=impl: decode_after(impl, x, token, chunk, decode_steps)
                       for name, impl in impls.items()}
-            compare_runs("decode", decode, layer, ctx, i == 0, tol, steps=decode_steps)
+            compare_runs("decode", decode, layer, ctx, i == 0, decode_tol, steps=decode_steps)
 
 
 def kv_bytes_summary():
