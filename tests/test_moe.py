@@ -171,6 +171,13 @@ def test_cuda_grouped_experts_match_the_loop_without_a_host_sync(mode):
     import dsv4.moe
 
     moe = make_moe().cuda()
+    if mode == "bf16":
+        # The reference holds the weights the bf16 model holds: FP4 codes of bf16-rounded weights differ from those
+        # of the fp32 ones in ~0.7 % of places, which moves this clamped SwiGLU's output by 10 % (0.101, the same on
+        # the H200 and on CPU); against the rounded weights the bf16 path agrees to 6e-3 (CPU).
+        with torch.no_grad():
+            for p in moe.parameters():
+                p.copy_(p.bfloat16().float())
     x, weights, indices = (t.cuda() for t in routing(moe, 300, skip=(0,)))
     want = reference_routed(moe, x, weights, indices, fp4=True)
     if torch.cuda.get_device_capability()[0] in (9, 10):  # sm90 / sm100: the grouped GEMM, not the masked loop

@@ -150,12 +150,14 @@ def _hc_maps_bwd_kernel(MIX, smm, BASE, SCALE, GPRE, GPOST, GCOMB, WS, DARG, M, 
     for kk in range(K):
         k = K - 1 - kk
         x = tl.load(ws + k * NP * NP, mask=m3, other=0.0)
+        # One name per branch: the two sums have different shapes, and Triton 3.6 refuses a variable whose
+        # type differs between the branches of an `if` (it failed to compile on the H200 so).
         if k % 2 == 0:
-            s = tl.sum(x, axis=1)[:, None, :] + hc_eps
-            g = (g - tl.sum(g * (x / s), axis=1)[:, None, :]) / s
+            col = tl.sum(x, axis=1)[:, None, :] + hc_eps
+            g = (g - tl.sum(g * (x / col), axis=1)[:, None, :]) / col
         else:
-            s = tl.sum(x, axis=2)[:, :, None] + hc_eps
-            g = (g - tl.sum(g * (x / s), axis=2)[:, :, None]) / s
+            row = tl.sum(x, axis=2)[:, :, None] + hc_eps
+            g = (g - tl.sum(g * (x / row), axis=2)[:, :, None]) / row
         g = tl.where(valid[None, :, :], g, 0.0)  # the padding holds 0 whatever it gets: no gradient
     dz = p * (g - tl.sum(g * p, axis=2)[:, :, None])  # softmax backward along the row
     tl.store(darg[:, None, None] + 2 * N + ij[None, :, :], dz, mask=m3)
