@@ -66,7 +66,10 @@ def test_trainable_maps_gradients_match_reference(case, iters):
     for used in ((0, 1, 2), (2,)):
         grads = []
         for fn, dev in ((hc_maps_from_mixes, "cpu"), (hc_maps_train, DEVICE)):
-            leaves = [t.to(dev).requires_grad_() for t in (mixes, base, scale)]
+            # Fresh leaves per pass: `.to("cpu")` of a CPU tensor is the tensor itself, so reused inputs would share
+            # (and accumulate into) one .grad between both passes, and on a GPU the copy of an input that requires
+            # grad is no leaf (no .grad at all).
+            leaves = [t.detach().clone().to(dev).requires_grad_() for t in (mixes, base, scale)]
             out = fn(*leaves, sinkhorn_iters=iters, hc_eps=EPS)
             sum((out[u] * weights[u].to(dev)).sum() for u in used).backward()
             grads.append([t.grad.cpu() for t in leaves])
