@@ -18,7 +18,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from attention import attn_fn, decode_inputs, indexer_fn  # noqa: E402 (benchmarks/ is the script's folder)
+from attention import attn_fn, decode_inputs, indexer_fn, rel_err  # noqa: E402 (benchmarks/ is the script's folder)
 from timing import bench_graph  # noqa: E402
 
 from dsv4.analysis import parse_context  # noqa: E402
@@ -90,7 +90,7 @@ def run_group(op, ctx, batch, variants, make_fn, compare):
 
 
 def attn_agreement(out, base):
-    return dict(rel_err=((out.float() - base.float()).norm() / base.float().norm()).item())
+    return dict(rel_err=rel_err(out, base))
 
 
 def index_agreement(out, base):
