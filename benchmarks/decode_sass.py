@@ -23,14 +23,14 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from attention import D, DI, H, HI, RD, TOPK, WIN, as_records  # noqa: E402 (Flash dims, as the timed benchmarks use them)
 from sm90 import compile_sm90, record_launches  # noqa: E402
 from tune_decode import ATTN_VARIANTS, CSA_SKIP  # noqa: E402
 
 from dsv4.kernels import decode_attn, fp8_kv, indexer_decode  # noqa: E402
 from dsv4.kernels.sparse_attn import KVSource  # noqa: E402
 
-H, D, RD, WIN, TOPK, CTX = 64, 512, 64, 128, 512, 1 << 20
-HI, DI = 64, 128  # indexer heads and key dims
+CTX = 1 << 20
 CHUNK = 128  # keys per split, as the H100's default gives at 1M (about 2 programs per SM)
 
 
@@ -72,15 +72,12 @@ def analyse(op: str, name: str, kw: dict) -> dict:
 
 def index_keys(n: int, layout: str, block: int = 64) -> indexer_decode.KeySource:
     """n FP8 indexer keys on the meta device: the pool's two planes (128-byte payload rows + fp32 scales) or
-    one 132-byte record per key (the layout before session 4: payload rows 4-byte aligned)."""
+    one 132-byte record per key (`attention.as_records`, the layout before session 4)."""
     rows, meta = -(-n // block) * block, dict(device="meta")
-    table = torch.empty(1, rows // block, dtype=torch.int32, **meta)
-    if layout == "planes":
-        main, scale = torch.empty(rows, DI, dtype=torch.float8_e4m3fn, **meta), torch.empty(rows, **meta)
-    else:
-        raw = torch.empty(rows, DI + 4, dtype=torch.uint8, **meta)
-        main, scale = raw[:, :DI].view(torch.float8_e4m3fn), raw.view(torch.float32)[:, DI // 4]
-    return indexer_decode.KeySource(main=main, table=table, block_size=block, scale=scale)
+    planes = indexer_decode.KeySource(main=torch.empty(rows, DI, dtype=torch.float8_e4m3fn, **meta),
+                                      table=torch.empty(1, rows // block, dtype=torch.int32, **meta), block_size=block,
+                                      scale=torch.empty(rows, **meta))
+    return planes if layout == "planes" else as_records(planes)
 
 
 def analyse_indexer(layout: str, kw: dict) -> dict:
