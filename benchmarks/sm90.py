@@ -21,9 +21,8 @@ def record_launches(run, module=None) -> list:
     instead of run: [(kernel, args, kwargs)]. Give it meta tensors (nothing is allocated, no device needed)."""
     import triton
 
-    from dsv4.kernels import sparse_attn_train
-
-    sat = sparse_attn_train if module is None else module
+    if module is None:
+        from dsv4.kernels import sparse_attn_train as module
     launches = []
 
     class Recorder:
@@ -33,14 +32,14 @@ def record_launches(run, module=None) -> list:
         def __getitem__(self, grid):
             return lambda *a, **kw: launches.append((self.kernel, a, kw))
 
-    real = {n: v for n, v in vars(sat).items() if isinstance(v, triton.runtime.JITFunction)}
+    real = {n: v for n, v in vars(module).items() if isinstance(v, triton.runtime.JITFunction)}
     try:
         for n, kernel in real.items():
-            setattr(sat, n, Recorder(kernel))
+            setattr(module, n, Recorder(kernel))
         run()
     finally:
         for n, kernel in real.items():
-            setattr(sat, n, kernel)
+            setattr(module, n, kernel)
     return launches
 
 
