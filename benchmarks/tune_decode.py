@@ -53,8 +53,18 @@ ATTN_VARIANTS = {
     # partial states written and merged (3.5x the 4.8 MB of keys read).
     "grouped_h32_8warps_chunk256": dict(grouped=True, block_h=32, num_warps=8, chunk=256),
     "grouped_h32_8warps_chunk512": dict(grouped=True, block_h=32, num_warps=8, chunk=512),
+    # Every head in one 8-warp program, no value split (session 5): the matmuls become Hopper warpgroup MMAs whose
+    # key operand is read from shared memory as bf16, so the key is dequantised once for all heads; the default
+    # (mma.sync) instead reads the FP8 bytes one at a time from shared memory in both operand layouts (ncu, H200:
+    # LDS.U8 and the byte packing around it hold ~35 % of its stall samples). Offline sm_90: 366 warp-instructions
+    # per key vs 1,018, 440 B spilled; the split state per program is 64 x 512 fp32, so fewer, longer splits.
+    "h64_8warps": dict(block_h=64, num_warps=8),
+    "h64_8warps_chunk64": dict(block_h=64, num_warps=8, chunk=64),
+    "h64_8warps_chunk128": dict(block_h=64, num_warps=8, chunk=128),
+    "h64_8warps_bn16_chunk64": dict(block_h=64, num_warps=8, block_n=16, chunk=64),
 }
-CSA_SKIP = {"contiguous_blocks", "more_splits_chunk64", "more_splits_chunk32", "h64_vs4_qk_groups_chunk64"}
+CSA_SKIP = {"contiguous_blocks", "more_splits_chunk64", "more_splits_chunk32", "h64_vs4_qk_groups_chunk64",
+            "h64_8warps_chunk128"}
 INDEXER_VARIANTS = {  # the key pool's blocks are 64 keys: contiguous_blocks needs block_n <= 64
     "default": {},
     "records_132B": dict(key_layout="records"),  # the key pool's layout before session 4 (4-byte aligned rows)
@@ -65,6 +75,11 @@ INDEXER_VARIANTS = {  # the key pool's blocks are 64 keys: contiguous_blocks nee
     "bn64_tile512_contiguous": dict(block_n=64, tile=512, contiguous_blocks=True),
     "bn64_tile256_contiguous": dict(block_n=64, tile=256, contiguous_blocks=True),
     "bn64_stages3_contiguous": dict(block_n=64, num_stages=3, contiguous_blocks=True),
+    # Session 5's default scores FP8 keys in fp16 (no f16 -> bf16 conversion per value); this is the bf16 path.
+    "bf16_dot": dict(f16_dot=False),
+    "bn64_contiguous_tile512": dict(block_n=64, tile=512, contiguous_blocks=True),
+    "warps8": dict(num_warps=8),
+    "warps8_tile512": dict(num_warps=8, tile=512),
 }
 
 

@@ -160,3 +160,35 @@ def test_indexer_contiguous_blocks_paged_fp8(tile):
     with pytest.raises(ValueError, match="must divide"):
         ixd.indexer_topk_decode(q.to(DEVICE), w.to(DEVICE), src, pos.int().to(DEVICE), lengths.int().to(DEVICE), 4,
                                 k, N, block_n=32, contiguous_blocks=True)
+
+
+@pytest.mark.parametrize("contiguous", [False, True])
+@pytest.mark.parametrize("log2_mag", [0, 40, -40])  # |q| of 2^40 overflows fp16 and 2^-40 underflows it, unscaled
+def test_indexer_f16_dot_bf16_query_fp8_keys(contiguous, log2_mag):
+    """A bf16 query over FP8 keys scores in fp16 (`f16_dot`, the default for these dtypes): q is rescaled by a power
+    of two into fp16's range and the scores back, so the indices are the reference's exactly, for queries whose
+    size alone would overflow or underflow fp16; `f16_dot=False` (bf16) gives the same on a GPU (Triton 3.9's CPU
+    interpreter returns garbage for a bf16 matmul of converted FP8 values); fp32 q refuses it."""
+    gen = torch.Generator().manual_seed(11)
+    B, Hi, Di, N, bs, k = 2, 4, 16, 48, 16, 12
+    vals = torch.randint(-3, 4, (B, N, Di), generator=gen).float()
+    scale = torch.exp2(torch.randint(-2, 3, (B, N), generator=gen).float())
+    blocks = torch.randperm(B * N // bs, generator=gen).int().view(B, N // bs)
+    rows = (blocks[..., None].long() * bs + torch.arange(bs)).view(B, N)
+    main = torch.empty(B * N, Di, dtype=torch.float8_e4m3fn)
+    kscale = torch.empty(B * N)
+    main[rows.flatten()] = vals.view(-1, Di).to(torch.float8_e4m3fn)
+    kscale[rows.flatten()] = scale.flatten()
+    q = (torch.randint(-2, 3, (B, Hi, Di), generator=gen).float() * 2.0 ** log2_mag).to(torch.bfloat16)
+    w = torch.randint(-2, 3, (B, Hi), generator=gen).float()
+    pos = torch.tensor([4 * N + 3, 4 * 30 + 1])
+    lengths = torch.full((B,), N)
+    ref = ixd.reference(q.float(), w, vals * scale[..., None], pos, 4, k, lengths)
+    src = ixd.KeySource(main=main.to(DEVICE), table=blocks.to(DEVICE), block_size=bs, scale=kscale.to(DEVICE))
+    args = (w.to(DEVICE), src, pos.int().to(DEVICE), lengths.int().to(DEVICE), 4, k, N)
+    for f16 in (None, False) if DEVICE == "cuda" else (None,):
+        out = ixd.indexer_topk_decode(q.to(DEVICE), *args, tile=32, block_n=16, contiguous_blocks=contiguous,
+                                      f16_dot=f16)
+        assert torch.equal(out.cpu(), ref), f16
+    with pytest.raises(ValueError, match="f16_dot"):
+        ixd.indexer_topk_decode(q.float().to(DEVICE), *args, f16_dot=True)

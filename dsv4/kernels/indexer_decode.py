@@ -8,8 +8,8 @@ whose order is the reference's. Three launches:
 
   `_score_kernel`      grid (key tiles, B). Per BLOCK_N keys one matmul with the keys as M and the heads as N
                        (the head sum stays inside a row's threads), ReLU, weighted head sum; FP8 keys are
-                       converted in the kernel and their per-key fp32 scale applied after the sum
-                       (ReLU(s x) = s ReLU(x) for s > 0). Writes every score and the maximum of each group of
+                       converted in the kernel (to fp16, with a 16-bit q rescaled to fp16 by a power of two: both
+                       exact) and their per-key fp32 scale applied after the sum (ReLU(s x) = s ReLU(x) for s > 0). Writes every score and the maximum of each group of
                        G consecutive keys.
   `_collect_kernel`    grid (key tiles, B). Each program first finds the bound L: the k-th largest group maximum
                        (rounded down to its top BITS x ROUNDS bits) by a radix select over the ~4k maxima, so at
@@ -31,7 +31,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .decode_attn import _block_rows
 from .sparse_attn import _align, _num_sms, _row_of
 
 INT32_MIN = tl.constexpr(-(1 << 31))
@@ -101,11 +100,29 @@ def _rank_in(mine, X, n, CB: tl.constexpr):
     return rank
 
 
+@triton.jit
+def _key_rows(T, st, BS, b, j0, j, end, KS, sks, BLOCK_N: tl.constexpr, KSCALE: tl.constexpr, CONTIG: tl.constexpr,
+              ZERO):
+    """Pool rows of the key block j = j0 .. j0 + BLOCK_N - 1 (entries before `end` are valid) and their fp32
+    scales (1 without KSCALE or past the end). A block wholly past the end (the prefetch after the last one) reads
+    no block table entry and no scale; its rows are never used."""
+    valid = j < end
+    if CONTIG:  # one table entry for the block (`_block_rows`), masked for the block past the end
+        blk = tl.load(T + b * st + j0 // BS, mask=j0 < end, other=0)
+        rows = blk.to(tl.int64) * BS + j0 % BS + tl.arange(0, BLOCK_N) + ZERO
+    else:
+        rows = _row_of(T, st, BS, b, j, valid, ZERO)
+    ksc = tl.full([BLOCK_N], 1.0, tl.float32)
+    if KSCALE:
+        ksc = tl.load(KS + rows * sks, mask=valid, other=1.0)
+    return rows, ksc
+
+
 @triton.jit(do_not_specialize=["ZERO"])
 def _score_kernel(ZERO, Q, sqb, sqh, W, swb, K, sk0, KS, sks, T, st, BS, LEN, POS, ratio, SC, ssc, MX, smx, CNT,
                   score_scale, HI, DI: tl.constexpr, BLOCK_HI: tl.constexpr, BLOCK_DI: tl.constexpr,
                   BLOCK_N: tl.constexpr, TILE: tl.constexpr, G: tl.constexpr, KALIGN: tl.constexpr,
-                  KSCALE: tl.constexpr, PREC: tl.constexpr, CONTIG: tl.constexpr):
+                  KSCALE: tl.constexpr, PREC: tl.constexpr, CONTIG: tl.constexpr, F16: tl.constexpr):
     tile = tl.program_id(0)
     b = tl.program_id(1)
     if tile == 0:
@@ -114,23 +131,36 @@ def _score_kernel(ZERO, Q, sqb, sqh, W, swb, K, sk0, KS, sks, T, st, BS, LEN, PO
     h = tl.arange(0, BLOCK_HI)
     d = tl.arange(0, BLOCK_DI)
     q = tl.load(Q + b * sqb + h[:, None] * sqh + d[None, :], mask=(h < HI)[:, None] & (d < DI)[None, :], other=0.0)
+    if F16:
+        # E4M3 -> fp16 is one packed conversion per two keys' values; -> bf16 adds an f16 -> bf16 per value
+        # on a slow pipe (ncu, H200: 16 % of the loop's stall samples). q goes to fp16 instead, first scaled by
+        # a power of two that puts its largest |value| in [2^14, 2^15): bf16 -> fp16 is then exact for every
+        # value down to 2^-28 of that maximum (smaller ones lose bits far below fp32 summation noise), and the
+        # scores are multiplied back by the same power of two (exact).
+        e = (tl.max(tl.max(tl.abs(q.to(tl.float32)), 1), 0).to(tl.int32, bitcast=True) >> 23) & 0xFF
+        up = tl.minimum(tl.maximum(268 - e, 1), 253)  # biased exponent of 2^(141 - e): max |q| -> [2^14, 2^15)
+        q = (q.to(tl.float32) * (up << 23).to(tl.float32, bitcast=True)).to(tl.float16)
+        score_scale = score_scale * ((254 - up) << 23).to(tl.float32, bitcast=True)
     qt = tl.trans(q)  # (BDI, BHI)
     w = tl.load(W + b * swb + h, mask=h < HI, other=0.0).to(tl.float32)
     start = tile * TILE
     end = tl.minimum(start + TILE, n)
+    # The next key block's rows and scales are loaded one iteration ahead (by hand: the compiler pipelines the
+    # key loads that feed the matmul, not these), so their latency hides behind this block's matmul.
+    j = start + tl.arange(0, BLOCK_N)
+    rows, ksc = _key_rows(T, st, BS, b, start, j, end, KS, sks, BLOCK_N, KSCALE, CONTIG, ZERO)
     for j0 in range(start, end, BLOCK_N):
         j = j0 + tl.arange(0, BLOCK_N)
         valid = j < end
-        if CONTIG:
-            rows = _block_rows(T, st, BS, b, j0, BLOCK_N, ZERO)
-        else:
-            rows = _row_of(T, st, BS, b, j, valid, ZERO)
         ro = tl.multiple_of(rows * sk0, KALIGN)
         k = tl.load(K + ro[:, None] + d[None, :], mask=valid[:, None] & (d < DI)[None, :], other=0.0)
+        jn = j + BLOCK_N
+        rows_next, ksc_next = _key_rows(T, st, BS, b, j0 + BLOCK_N, jn, end, KS, sks, BLOCK_N, KSCALE, CONTIG, ZERO)
         s = tl.maximum(tl.dot(k.to(q.dtype), qt, input_precision=PREC), 0.0)  # (BN, BHI) ReLU(q_h . K_s)
         score = tl.sum(s * w[None, :], 1) * score_scale
         if KSCALE:
-            score = score * tl.load(KS + rows * sks, mask=valid, other=1.0)
+            score = score * ksc
+        rows, ksc = rows_next, ksc_next
         key = _order_key(score)
         tl.store(SC + b * ssc + j, key, mask=valid)
         gmax = tl.max(tl.reshape(tl.where(valid, key, INT32_MIN), (BLOCK_N // G, G)), 1)
@@ -259,7 +289,8 @@ def indexer_topk_decode(q: torch.Tensor, head_w: torch.Tensor, keys: KeySource, 
                         lengths: torch.Tensor, ratio: int, k: int, max_len: int, tile: int | None = None,
                         block_n: int = 128, group: int | None = None, cap: int = 1 << 14, num_warps: int = 4,
                         num_stages: int = 2, bits: int = 8, rounds: int = 2, rank_rows: int = 16, rank_cols: int = 256,
-                        ws: torch.Tensor | None = None, contiguous_blocks: bool = False) -> torch.Tensor:
+                        ws: torch.Tensor | None = None, contiguous_blocks: bool = False,
+                        f16_dot: bool | None = None) -> torch.Tensor:
     """q (B, Hi, Di) (or (B, 1, Hi, Di)), head_w (B, Hi) fp32 (already x Hi^-1/2), positions / lengths (B,) int32,
     `max_len` >= every length (host-side bound) -> (B, min(k, max_len)) int64 indices, best first.
 
@@ -268,7 +299,9 @@ def indexer_topk_decode(q: torch.Tensor, head_w: torch.Tensor, keys: KeySource, 
     all; 16: a bound up to 2^-7 lower, a few more candidates, half the dependent steps); `cap` candidates per
     row are ranked (`rank_rows` x `rank_cols` compares a step), more take the exact fallback; `ws` is a
     `workspace(B)` kept across steps (else a new one per call); `contiguous_blocks`: one block-table entry per
-    `block_n` keys (needs `block_n` to divide `keys.block_size`) instead of a gather and a division per key."""
+    `block_n` keys (needs `block_n` to divide `keys.block_size`) instead of a gather and a division per key;
+    `f16_dot` (default: FP8 keys and a 16-bit q) scores in fp16 (`_score_kernel`: exact conversions, the same
+    indices), False keeps q's dtype."""
     q = q.reshape(q.shape[0], q.shape[-2], q.shape[-1])
     B, Hi, Di = q.shape
     assert q.stride(-1) == 1
@@ -285,6 +318,11 @@ def indexer_topk_decode(q: torch.Tensor, head_w: torch.Tensor, keys: KeySource, 
     if contiguous_blocks and keys.block_size % block_n:
         raise ValueError(f"contiguous_blocks: block_n={block_n} must divide the key pool's block size "
                          f"{keys.block_size}")
+    fp8_keys = keys.main.dtype == torch.float8_e4m3fn
+    if f16_dot is None:
+        f16_dot = fp8_keys and q.dtype in (torch.bfloat16, torch.float16)
+    if f16_dot and not (fp8_keys and q.dtype != torch.float32):
+        raise ValueError("f16_dot: FP8 (float8_e4m3fn) keys and a 16-bit query")
     cap = max(cap, kout)
     sort = max(16, triton.next_power_of_2(kout))
     grid = (triton.cdiv(max_len, tile), B)
@@ -302,7 +340,7 @@ def indexer_topk_decode(q: torch.Tensor, head_w: torch.Tensor, keys: KeySource, 
                         positions, ratio, sc, sc.stride(0), mx, mx.stride(0), cnt, Di ** -0.5, Hi, DI=Di,
                         BLOCK_HI=max(16, triton.next_power_of_2(Hi)), BLOCK_DI=max(16, triton.next_power_of_2(Di)),
                         BLOCK_N=block_n, TILE=tile, G=G, KALIGN=_align(main), KSCALE=keys.scale is not None,
-                        PREC="ieee" if q.dtype == torch.float32 else "tf32", CONTIG=contiguous_blocks,
+                        PREC="ieee" if q.dtype == torch.float32 else "tf32", CONTIG=contiguous_blocks, F16=f16_dot,
                         num_warps=num_warps, num_stages=num_stages)
     _collect_kernel[grid](sc, sc.stride(0), mx, mx.stride(0), lengths, positions, ratio, cand, cnt, cap, k, G=G,
                           TILE=tile, BLOCK=min(triton.next_power_of_2(tile), 1024),  # masked by the tile's end
