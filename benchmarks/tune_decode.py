@@ -80,6 +80,11 @@ INDEXER_VARIANTS = {  # the key pool's blocks are 64 keys: contiguous_blocks nee
     "bn64_contiguous_tile512": dict(block_n=64, tile=512, contiguous_blocks=True),
     "warps8": dict(num_warps=8),
     "warps8_tile512": dict(num_warps=8, tile=512),
+    # Each collect program derives the candidate bound itself (radix select over ~2k group maxima): fewer of them
+    # repeat it less (ncu, H200: collect ~11 us, SM-busy 42 %, for 256 programs scanning 1,024 scores each).
+    "collect_tile4096": dict(collect_tile=4096),
+    "collect_tile16384": dict(collect_tile=16384),
+    "tile512_collect_tile4096": dict(tile=512, collect_tile=4096),
 }
 
 

@@ -358,6 +358,9 @@ INDEXER_DECODE_CASES = {
                                                                rank_cols=128)),
     "bound_4_bit_digits": (2, 2, 16, 300, 20, True, None, None, dict(tile=64, block_n=16, bits=4, rounds=4)),
     "one_round_bound": (2, 3, 16, 300, 20, False, None, None, dict(tile=64, block_n=16, rounds=1, rank_rows=32)),
+    # collect programs over other tiles than the score kernel's: fewer and longer, and more and shorter
+    "collect_tile_longer": (2, 3, 16, 300, 20, False, [300, 170], None, dict(tile=32, block_n=16, collect_tile=128)),
+    "collect_tile_shorter": (2, 2, 16, 300, 20, True, None, None, dict(tile=128, block_n=16, collect_tile=48)),
 }
 
 

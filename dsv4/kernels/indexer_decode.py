@@ -290,7 +290,7 @@ def indexer_topk_decode(q: torch.Tensor, head_w: torch.Tensor, keys: KeySource, 
                         block_n: int = 128, group: int | None = None, cap: int = 1 << 14, num_warps: int = 4,
                         num_stages: int = 2, bits: int = 8, rounds: int = 2, rank_rows: int = 16, rank_cols: int = 256,
                         ws: torch.Tensor | None = None, contiguous_blocks: bool = False,
-                        f16_dot: bool | None = None) -> torch.Tensor:
+                        f16_dot: bool | None = None, collect_tile: int | None = None) -> torch.Tensor:
     """q (B, Hi, Di) (or (B, 1, Hi, Di)), head_w (B, Hi) fp32 (already x Hi^-1/2), positions / lengths (B,) int32,
     `max_len` >= every length (host-side bound) -> (B, min(k, max_len)) int64 indices, best first.
 
@@ -301,7 +301,8 @@ def indexer_topk_decode(q: torch.Tensor, head_w: torch.Tensor, keys: KeySource, 
     `workspace(B)` kept across steps (else a new one per call); `contiguous_blocks`: one block-table entry per
     `block_n` keys (needs `block_n` to divide `keys.block_size`) instead of a gather and a division per key;
     `f16_dot` (default: FP8 keys and a 16-bit q) scores in fp16 (`_score_kernel`: exact conversions, the same
-    indices), False keeps q's dtype."""
+    indices), False keeps q's dtype; `collect_tile` scores per collect program (default `tile`): each one derives
+    the bound itself, so fewer, longer ones repeat that work less."""
     q = q.reshape(q.shape[0], q.shape[-2], q.shape[-1])
     B, Hi, Di = q.shape
     assert q.stride(-1) == 1
@@ -315,6 +316,7 @@ def indexer_topk_decode(q: torch.Tensor, head_w: torch.Tensor, keys: KeySource, 
     if tile is None:  # about two programs per SM
         tile = triton.cdiv(triton.cdiv(max_len * B, 2 * _num_sms(q.device)), block_n) * block_n
     tile = min(max(triton.cdiv(tile, block_n) * block_n, block_n), 8192)
+    collect_tile = tile if collect_tile is None else max(16, collect_tile)
     if contiguous_blocks and keys.block_size % block_n:
         raise ValueError(f"contiguous_blocks: block_n={block_n} must divide the key pool's block size "
                          f"{keys.block_size}")
@@ -342,8 +344,9 @@ def indexer_topk_decode(q: torch.Tensor, head_w: torch.Tensor, keys: KeySource, 
                         BLOCK_N=block_n, TILE=tile, G=G, KALIGN=_align(main), KSCALE=keys.scale is not None,
                         PREC="ieee" if q.dtype == torch.float32 else "tf32", CONTIG=contiguous_blocks, F16=f16_dot,
                         num_warps=num_warps, num_stages=num_stages)
-    _collect_kernel[grid](sc, sc.stride(0), mx, mx.stride(0), lengths, positions, ratio, cand, cnt, cap, k, G=G,
-                          TILE=tile, BLOCK=min(triton.next_power_of_2(tile), 1024),  # masked by the tile's end
+    _collect_kernel[(triton.cdiv(max_len, collect_tile), B)](
+                          sc, sc.stride(0), mx, mx.stride(0), lengths, positions, ratio, cand, cnt, cap, k, G=G,
+                          TILE=collect_tile, BLOCK=min(triton.next_power_of_2(collect_tile), 1024),  # masked by the tile's end
                           MB=max(16, min(2048, triton.next_power_of_2(n_groups))), BITS=bits, ROUNDS=rounds,
                           num_warps=4)
     _rank_kernel[(triton.cdiv(min(cap, max_len), rank_rows), B)](
