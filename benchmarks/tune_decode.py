@@ -85,6 +85,8 @@ INDEXER_VARIANTS = {  # the key pool's blocks are 64 keys: contiguous_blocks nee
     "collect_tile4096": dict(collect_tile=4096),
     "collect_tile16384": dict(collect_tile=16384),
     "tile512_collect_tile4096": dict(tile=512, collect_tile=4096),
+    "rank_rows64": dict(rank_rows=64),  # a quarter of the rank programs (most of the 1,024 find no candidates)
+    "collect_tile4096_rank_rows64": dict(collect_tile=4096, rank_rows=64),
 }
 
 
