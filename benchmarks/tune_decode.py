@@ -28,6 +28,10 @@ from dsv4.analysis import parse_context  # noqa: E402
 # value_split removes (a (64, 512 / vs) accumulator); qk_groups keeps neither q nor a dequantised key for QK.
 ATTN_VARIANTS = {
     "default": {},
+    # Session 5: the default now keeps the dequantised key's layout change on 16-bit data (`_keep_layout`);
+    # this is the kernel before (FP8 bytes read from shared memory one at a time, in both operand layouts).
+    "fp8_bytes_layout": dict(keep_layout=False),
+    "bn16": dict(block_n=16),  # no spills with keep_layout (offline sm_90: 778 warp-instructions per key)
     "contiguous_blocks": dict(contiguous_blocks=True),
     "more_splits_chunk64": dict(chunk=64),
     "more_splits_chunk32": dict(chunk=32),

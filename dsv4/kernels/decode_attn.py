@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import interpreting
 from .sparse_attn import LOG2E, KVSource, _align, _num_sms, _row_of, dense_source, entries_seen, reference  # noqa: F401
 
 NEG = tl.constexpr(-1e30)  # "no key yet": finite, so exp2(NEG - m) is 0 without inf - inf
@@ -42,8 +43,25 @@ def _block_rows(T, st, BS, b, j0, BLOCK_N: tl.constexpr, ZERO):
 
 
 @triton.jit
+def _keep_layout(x, ON: tl.constexpr):
+    """x itself, through an identity the compiler cannot see into (ON; not in the CPU interpreter, which runs no
+    PTX). Why: a dequantised key feeds two mma.sync matmuls in two register layouts, and Triton rematerialises the
+    dequantisation in each layout from the FP8 bytes, read from shared memory one byte at a time (the value
+    product needs the key transposed: a thread's two bytes lie a row apart). Behind the identity the bf16 key is
+    converted once and changes layout as 16-bit data (ldmatrix). ncu on an H200: LDS.U8 and its byte packing held
+    ~35 % of the HCA kernel's stall samples; offline sm_90 build: 1,018 -> 598 warp-instructions per key."""
+    if ON:
+        if x.dtype.primitive_bitwidth == 32:
+            x = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=x.dtype, is_pure=False, pack=1)
+        else:
+            x = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=x.dtype, is_pure=False, pack=2)
+    return x
+
+
+@triton.jit
 def _load_nope(X, XS, s0, ss, rows, valid, D0, ALIGN: tl.constexpr, BLOCK_N: tl.constexpr, WIDTH: tl.constexpr,
-               NOPE: tl.constexpr, GS: tl.constexpr, FP8: tl.constexpr, SCALED: tl.constexpr, dtype: tl.constexpr):
+               NOPE: tl.constexpr, GS: tl.constexpr, FP8: tl.constexpr, SCALED: tl.constexpr, dtype: tl.constexpr,
+               OPAQUE: tl.constexpr):
     """`rows` -> dims [D0, D0 + WIDTH) of the first operand, (BLOCK_N, WIDTH) in `dtype`, zero past NOPE and on
     invalid rows. D0 is a multiple of GS, GS divides 64 and WIDTH.
 
@@ -61,9 +79,9 @@ def _load_nope(X, XS, s0, ss, rows, valid, D0, ALIGN: tl.constexpr, BLOCK_N: tl.
         if SCALED:
             e = tl.load(XS + rows[:, None] * ss + (D0 + g * GS) // 64, mask=v & (D0 + g * GS < NOPE), other=127)
             sc = (e.to(tl.int32) << 23).to(tl.float32, bitcast=True)  # 2^(e - 127), exactly
-            k = tl.reshape((x.to(tl.float32) * sc[:, :, None]).to(dtype), (BLOCK_N, WIDTH))
+            k = _keep_layout(tl.reshape((x.to(tl.float32) * sc[:, :, None]).to(dtype), (BLOCK_N, WIDTH)), OPAQUE)
         else:
-            k = tl.reshape(x.to(dtype), (BLOCK_N, WIDTH))
+            k = _keep_layout(tl.reshape(x.to(dtype), (BLOCK_N, WIDTH)), OPAQUE)
     else:
         dm = D0 + tl.arange(0, WIDTH)[None, :]
         k = tl.load(X + ro[:, None] + dm, mask=v & (dm < NOPE), other=0.0).to(dtype)
@@ -97,7 +115,7 @@ def _load_rope(X, XR, s0, sr, rows, valid, ALIGN: tl.constexpr, RALIGN: tl.const
 def _step(q, qr, QROW, qmask, X, XR, XS, s0, sr, ss, rows, valid, m_i, l_i, acc, acc_r, qk_scale, d0,
           ALIGN: tl.constexpr, RALIGN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
           NOPE: tl.constexpr, RD: tl.constexpr, ROPE: tl.constexpr, GS: tl.constexpr, FP8: tl.constexpr,
-          PREC: tl.constexpr, DV: tl.constexpr, GSV: tl.constexpr, QK_GROUPS: tl.constexpr):
+          PREC: tl.constexpr, DV: tl.constexpr, GSV: tl.constexpr, QK_GROUPS: tl.constexpr, OPAQUE: tl.constexpr):
     """One block of BLOCK_N keys folded into the online softmax of BLOCK_H heads: logits = q.k + qr.kr, and
     the value product into the two accumulators acc (this program's value dims [d0, d0 + DV) of [0, NOPE))
     and acc_r (the RoPE dims).
@@ -112,14 +130,14 @@ def _step(q, qr, QROW, qmask, X, XR, XS, s0, sr, ss, rows, valid, m_i, l_i, acc,
         dg = tl.arange(0, GS)[None, :]
         for g in tl.static_range(0, NOPE, GS):
             qg = tl.load(QROW + g + dg, mask=qmask & (g + dg < NOPE), other=0.0)
-            x = _load_nope(X, XS, s0, ss, rows, valid, g, ALIGN, BLOCK_N, GS, NOPE, GS, FP8, False, dtype)
+            x = _load_nope(X, XS, s0, ss, rows, valid, g, ALIGN, BLOCK_N, GS, NOPE, GS, FP8, False, dtype, OPAQUE)
             part = tl.dot(qg, tl.trans(x), input_precision=PREC)
             if FP8:
                 part = part * _group_scale(XS, ss, rows, valid, g)[None, :]
             logits += part
         k = x  # unused placeholder (the value operand is loaded below)
     else:
-        k = _load_nope(X, XS, s0, ss, rows, valid, 0, ALIGN, BLOCK_N, BLOCK_M, NOPE, GS, FP8, True, dtype)
+        k = _load_nope(X, XS, s0, ss, rows, valid, 0, ALIGN, BLOCK_N, BLOCK_M, NOPE, GS, FP8, True, dtype, OPAQUE)
         logits = tl.dot(q, tl.trans(k), input_precision=PREC)
     if RD > 0:
         kr = _load_rope(X, XR, s0, sr, rows, valid, ALIGN, RALIGN, NOPE, RD, ROPE, FP8, dtype)
@@ -131,7 +149,7 @@ def _step(q, qr, QROW, qmask, X, XR, XS, s0, sr, ss, rows, valid, m_i, l_i, acc,
     l_i = l_i * alpha + tl.sum(p, 1)
     p = p.to(dtype)
     if QK_GROUPS or DV < BLOCK_M:
-        k = _load_nope(X, XS, s0, ss, rows, valid, d0, ALIGN, BLOCK_N, DV, NOPE, GSV, FP8, True, dtype)
+        k = _load_nope(X, XS, s0, ss, rows, valid, d0, ALIGN, BLOCK_N, DV, NOPE, GSV, FP8, True, dtype, OPAQUE)
     acc = tl.dot(p, k, acc * alpha[:, None], input_precision=PREC)
     if RD > 0:
         acc_r = tl.dot(p, kr, acc_r * alpha[:, None], input_precision=PREC)
@@ -178,14 +196,14 @@ def _fold(q, qr, QROW, qmask, X, XR, XS, s0, sr, ss, rows, valid, m_i, l_i, acc,
           ALIGN: tl.constexpr, RALIGN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
           NOPE: tl.constexpr, RD: tl.constexpr, ROPE: tl.constexpr, GS: tl.constexpr, FP8: tl.constexpr,
           PREC: tl.constexpr, DV: tl.constexpr, GSV: tl.constexpr, QK_GROUPS: tl.constexpr, GROUPED: tl.constexpr,
-          NG: tl.constexpr):
+          NG: tl.constexpr, OPAQUE: tl.constexpr):
     """One key block into the softmax state, by the step the launch chose (`_step_grouped` or `_step`)."""
     if GROUPED:
         return _step_grouped(q, qr, X, XR, XS, s0, sr, ss, rows, valid, m_i, l_i, acc, acc_r, qk_scale, ALIGN, RALIGN,
                              NOPE, RD, ROPE, NG, PREC)
     else:
         return _step(q, qr, QROW, qmask, X, XR, XS, s0, sr, ss, rows, valid, m_i, l_i, acc, acc_r, qk_scale, d0, ALIGN,
-                     RALIGN, BLOCK_N, BLOCK_M, NOPE, RD, ROPE, GS, FP8, PREC, DV, GSV, QK_GROUPS)
+                     RALIGN, BLOCK_N, BLOCK_M, NOPE, RD, ROPE, GS, FP8, PREC, DV, GSV, QK_GROUPS, OPAQUE)
 
 
 @triton.jit(do_not_specialize=["ZERO"])
@@ -200,7 +218,7 @@ def _partial_kernel(ZERO, Q, sqb, sqh, POS,
                     W_ALIGN: tl.constexpr, W_RALIGN: tl.constexpr, C_ALIGN: tl.constexpr, C_RALIGN: tl.constexpr,
                     W_RING: tl.constexpr, MODE: tl.constexpr, PREC: tl.constexpr, VS: tl.constexpr,
                     GSV: tl.constexpr, QK_GROUPS: tl.constexpr, CONTIG: tl.constexpr, GROUPED: tl.constexpr,
-                    NG: tl.constexpr):
+                    NG: tl.constexpr, OPAQUE: tl.constexpr):
     split = tl.program_id(0)
     hb = tl.program_id(1) // VS
     vs = tl.program_id(1) % VS  # value slice: this program's value dims [d0, d0 + DV)
@@ -251,7 +269,7 @@ def _partial_kernel(ZERO, Q, sqb, sqh, POS,
             rows = _row_of(WT, swt, WBS, b, li, valid, ZERO)
             m_i, l_i, acc, acc_r = _fold(q, qr, qrow, hm[:, None], W, WR, WS, sw0, swr, sws, rows, valid, m_i, l_i, acc,
                                          acc_r, qk_scale, d0, W_ALIGN, W_RALIGN, BLOCK_N, BLOCK_M, NOPE, RD, ROPE, GS,
-                                         W_FP8, PREC, DV, GSV, QK_GROUPS, GROUPED, NG)
+                                         W_FP8, PREC, DV, GSV, QK_GROUPS, GROUPED, NG, OPAQUE)
     elif MODE > 0:  # compressed: HCA every finished entry (MODE 1), CSA the top-k list (MODE 2)
         nc = tl.load(NC + b)
         n_keys = entries_seen(pos, ratio, nc, K, MODE)
@@ -271,7 +289,7 @@ def _partial_kernel(ZERO, Q, sqb, sqh, POS,
                 rows = _row_of(CT, sct, CBS, b, j, valid, ZERO)
             m_i, l_i, acc, acc_r = _fold(q, qr, qrow, hm[:, None], C, CR, CS, sc0, scr, scs, rows, valid, m_i, l_i, acc,
                                          acc_r, qk_scale, d0, C_ALIGN, C_RALIGN, BLOCK_N, BLOCK_M, NOPE, RD, ROPE, GS,
-                                         C_FP8, PREC, DV, GSV, QK_GROUPS, GROUPED, NG)
+                                         C_FP8, PREC, DV, GSV, QK_GROUPS, GROUPED, NG, OPAQUE)
     base = (b * NSPLIT + split) * H + h  # (BH,) rows of the (B, NSPLIT, H) partial state
     po = PO + base[:, None] * BLOCK_D
     if GROUPED:
@@ -322,7 +340,7 @@ def attend_decode(q: torch.Tensor, positions: torch.Tensor, sink: torch.Tensor, 
                   block_h: int | None = None, block_n: int | None = None, num_warps: int | None = None,
                   num_stages: int = 2, out: torch.Tensor | None = None, value_split: int = 1,
                   qk_groups: bool = False, contiguous_blocks: bool | None = None,
-                  grouped: bool = False) -> torch.Tensor:
+                  grouped: bool = False, keep_layout: bool = True) -> torch.Tensor:
     """`sparse_attn.attend` for one query per sequence: q (B, 1, H, D), positions (B, 1) int32.
 
     Sources, `win_pos0` / `win_lo` / `win_ring`, `n_comp` / `max_comp` and `topk` (B, 1, k) (CSA; None = HCA)
@@ -336,7 +354,9 @@ def attend_decode(q: torch.Tensor, positions: torch.Tensor, sink: torch.Tensor, 
     RESULTS.md "Session 3"); `grouped` (FP8 sources only) never dequantises a key: fp16 E4M3 groups of 64 dims
     in batched matmuls, each scale applied to its (heads x keys) product (`_step_grouped`; offline sm_90 builds
     of the default step show ~1,700 instructions per key at 1M, most of them the dequantisation, RESULTS.md
-    "Session 4"). The other defaults are the kernel as tuned in RESULTS.md "Decode kernels v2"."""
+    "Session 4"); `keep_layout` (on by default; the CPU interpreter never has it) converts each FP8 key tile to the
+    model dtype once and moves it between the two matmuls' layouts as 16-bit data (`_keep_layout`). The other
+    defaults are the kernel as tuned in RESULTS.md "Decode kernels v2"."""
     B, S, H, D = q.shape
     assert S == 1 and q.stride(-1) == 1, "decode path: one query per sequence (use sparse_attn.attend)"
     BLOCK_D = _pow2(D)
@@ -383,7 +403,7 @@ def attend_decode(q: torch.Tensor, positions: torch.Tensor, sink: torch.Tensor, 
         C_ALIGN=aligns[1][0], C_RALIGN=aligns[1][1], W_RING=win_ring, MODE=mode,
         PREC="ieee" if q.dtype == torch.float32 else "tf32", VS=value_split, GSV=min(GS, BLOCK_M // value_split),
         QK_GROUPS=qk_groups, CONTIG=contiguous_blocks and mode == 1, GROUPED=grouped, NG=_pow2(triton.cdiv(nope, 64)),
-        num_warps=num_warps, num_stages=num_stages)
+        OPAQUE=keep_layout and not interpreting(), num_warps=num_warps, num_stages=num_stages)
     BLOCK_S = _pow2(n_split)
     # One head per merge program on the GPU (parallelism), all heads in the interpreter (fewer programs).
     BLOCK_HM = 1 if q.is_cuda else _pow2(H)
