@@ -5,7 +5,7 @@ replays (`timing.bench_graph`) and checked against the defaults' output of the s
    "rel_err" (attention, vs default) | "same_indices" (indexer, exact), or "error" when a variant does not build}.
 The default runs first in each group, so its line carries the baseline of the lines below it.
 Usage (repo root, PYTHONPATH=$PWD):
-  python benchmarks/tune_decode.py [--ctx 1M,128K] [--batch 1,8] [--ops hca,csa,indexer]
+  python benchmarks/tune_decode.py [--ctx 1M,128K] [--batch 1,8] [--ops hca,csa,indexer] [--variants a,b]
 """
 
 from __future__ import annotations
@@ -128,7 +128,14 @@ def main():
     ap.add_argument("--ctx", default="1M,128K")
     ap.add_argument("--batch", default="1,8")
     ap.add_argument("--ops", default="hca,csa,indexer")
+    ap.add_argument("--variants", default="", help="comma-separated variant names to time (default: all; the "
+                    "default always runs first, as the baseline)")
     args = ap.parse_args()
+    if args.variants:
+        keep = {"default", *args.variants.split(",")}
+        for table in (ATTN_VARIANTS, INDEXER_VARIANTS):
+            for name in [n for n in table if n not in keep]:
+                del table[name]
     ops = args.ops.split(",")
     for ctx in (parse_context(c) for c in args.ctx.split(",")):
         for batch in (int(b) for b in args.batch.split(",")):
