@@ -81,6 +81,7 @@ INDEXER_VARIANTS = {  # the key pool's blocks are 64 keys: contiguous_blocks nee
     "bn64_stages3_contiguous": dict(block_n=64, num_stages=3, contiguous_blocks=True),
     # Session 5's default scores FP8 keys in fp16 (no f16 -> bf16 conversion per value); this is the bf16 path.
     "bf16_dot": dict(f16_dot=False),
+    "fp8_bytes_layout": dict(keep_layout=False),  # before `_keep_layout` (see ATTN_VARIANTS)
     "bn64_contiguous_tile512": dict(block_n=64, tile=512, contiguous_blocks=True),
     "warps8": dict(num_warps=8),
     "warps8_tile512": dict(num_warps=8, tile=512),

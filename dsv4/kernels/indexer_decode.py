@@ -31,6 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import interpreting
+from .decode_attn import _keep_layout
 from .sparse_attn import _align, _num_sms, _row_of
 
 INT32_MIN = tl.constexpr(-(1 << 31))
@@ -122,7 +124,8 @@ def _key_rows(T, st, BS, b, j0, j, end, KS, sks, BLOCK_N: tl.constexpr, KSCALE: 
 def _score_kernel(ZERO, Q, sqb, sqh, W, swb, K, sk0, KS, sks, T, st, BS, LEN, POS, ratio, SC, ssc, MX, smx, CNT,
                   score_scale, HI, DI: tl.constexpr, BLOCK_HI: tl.constexpr, BLOCK_DI: tl.constexpr,
                   BLOCK_N: tl.constexpr, TILE: tl.constexpr, G: tl.constexpr, KALIGN: tl.constexpr,
-                  KSCALE: tl.constexpr, PREC: tl.constexpr, CONTIG: tl.constexpr, F16: tl.constexpr):
+                  KSCALE: tl.constexpr, PREC: tl.constexpr, CONTIG: tl.constexpr, F16: tl.constexpr,
+                  OPAQUE: tl.constexpr):
     tile = tl.program_id(0)
     b = tl.program_id(1)
     if tile == 0:
@@ -156,7 +159,7 @@ def _score_kernel(ZERO, Q, sqb, sqh, W, swb, K, sk0, KS, sks, T, st, BS, LEN, PO
         k = tl.load(K + ro[:, None] + d[None, :], mask=valid[:, None] & (d < DI)[None, :], other=0.0)
         jn = j + BLOCK_N
         rows_next, ksc_next = _key_rows(T, st, BS, b, j0 + BLOCK_N, jn, end, KS, sks, BLOCK_N, KSCALE, CONTIG, ZERO)
-        s = tl.maximum(tl.dot(k.to(q.dtype), qt, input_precision=PREC), 0.0)  # (BN, BHI) ReLU(q_h . K_s)
+        s = tl.maximum(tl.dot(_keep_layout(k.to(q.dtype), OPAQUE), qt, input_precision=PREC), 0.0)  # ReLU(q_h . K_s)
         score = tl.sum(s * w[None, :], 1) * score_scale
         if KSCALE:
             score = score * ksc
@@ -290,7 +293,8 @@ def indexer_topk_decode(q: torch.Tensor, head_w: torch.Tensor, keys: KeySource, 
                         block_n: int = 128, group: int | None = None, cap: int = 1 << 14, num_warps: int = 4,
                         num_stages: int = 2, bits: int = 8, rounds: int = 2, rank_rows: int = 16, rank_cols: int = 256,
                         ws: torch.Tensor | None = None, contiguous_blocks: bool = False,
-                        f16_dot: bool | None = None, collect_tile: int | None = None) -> torch.Tensor:
+                        f16_dot: bool | None = None, collect_tile: int | None = None,
+                        keep_layout: bool = True) -> torch.Tensor:
     """q (B, Hi, Di) (or (B, 1, Hi, Di)), head_w (B, Hi) fp32 (already x Hi^-1/2), positions / lengths (B,) int32,
     `max_len` >= every length (host-side bound) -> (B, min(k, max_len)) int64 indices, best first.
 
@@ -302,7 +306,7 @@ def indexer_topk_decode(q: torch.Tensor, head_w: torch.Tensor, keys: KeySource, 
     `block_n` keys (needs `block_n` to divide `keys.block_size`) instead of a gather and a division per key;
     `f16_dot` (default: FP8 keys and a 16-bit q) scores in fp16 (`_score_kernel`: exact conversions, the same
     indices), False keeps q's dtype; `collect_tile` scores per collect program (default `tile`): each one derives
-    the bound itself, so fewer, longer ones repeat that work less."""
+    the bound itself, so fewer, longer ones repeat that work less; `keep_layout` as in `decode_attn.attend_decode`."""
     q = q.reshape(q.shape[0], q.shape[-2], q.shape[-1])
     B, Hi, Di = q.shape
     assert q.stride(-1) == 1
@@ -343,6 +347,7 @@ def indexer_topk_decode(q: torch.Tensor, head_w: torch.Tensor, keys: KeySource, 
                         BLOCK_HI=max(16, triton.next_power_of_2(Hi)), BLOCK_DI=max(16, triton.next_power_of_2(Di)),
                         BLOCK_N=block_n, TILE=tile, G=G, KALIGN=_align(main), KSCALE=keys.scale is not None,
                         PREC="ieee" if q.dtype == torch.float32 else "tf32", CONTIG=contiguous_blocks, F16=f16_dot,
+                        OPAQUE=keep_layout and fp8_keys and not interpreting(),
                         num_warps=num_warps, num_stages=num_stages)
     _collect_kernel[(triton.cdiv(max_len, collect_tile), B)](
                           sc, sc.stride(0), mx, mx.stride(0), lengths, positions, ratio, cand, cnt, cap, k, G=G,
