@@ -78,8 +78,8 @@ def test_trainable_maps_gradients_match_reference(case, iters):
 
 
 def test_seam_routes_and_keeps_gradients():
-    """No autograd: the kernel (= reference to rounding). Autograd recording: exactly the reference, with a
-    backward (the kernel is forward-only)."""
+    """No autograd: the forward kernel (= reference to rounding). Autograd recording: the trainable kernel (the
+    default; = reference to rounding, same gradient), or with it switched off exactly the reference."""
     B, S, n, d = 2, 3, 4, 8
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(B, S, n, d, generator=gen).to(DEVICE)
@@ -91,16 +91,19 @@ def test_seam_routes_and_keeps_gradients():
     with kernels.use("triton"):
         with torch.no_grad():
             fast = hc_maps(x, fn, base, scale, **kw)
+        with kernels.use_train_mhc_kernel(False):
+            graded_ref = hc_maps(x, fn, base, scale, **kw)
         graded = hc_maps(x, fn, base, scale, **kw)
     for o, r in zip(fast, ref):
         torch.testing.assert_close(o, r, rtol=1e-5, atol=1e-6)
     for o, r in zip(graded, ref):
+        torch.testing.assert_close(o, r, rtol=1e-5, atol=1e-6)
+    for o, r in zip(graded_ref, ref):
         assert torch.equal(o, r)
-    sum(t.sum() for t in graded).backward()
+    sum(t.sum() for t in graded_ref).backward()
     assert fn.grad is not None and fn.grad.abs().sum() > 0
     ref_grad, fn.grad = fn.grad, None
-    with kernels.use("triton"), kernels.use_train_mhc_kernel():  # the trainable kernel: same gradient
-        sum(t.sum() for t in hc_maps(x, fn, base, scale, **kw)).backward()
+    sum(t.sum() for t in graded).backward()  # the trainable kernel's backward: the same gradient
     torch.testing.assert_close(fn.grad, ref_grad, rtol=1e-4, atol=1e-6)
 
 
