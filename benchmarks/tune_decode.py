@@ -32,6 +32,8 @@ ATTN_VARIANTS = {
     # this is the kernel before (FP8 bytes read from shared memory one at a time, in both operand layouts).
     "fp8_bytes_layout": dict(keep_layout=False),
     "bn16": dict(block_n=16),  # no spills with keep_layout (offline sm_90: 778 warp-instructions per key)
+    "chunk256": dict(chunk=256),  # fewer splits: half the partial state to write and merge
+    "bn16_chunk256": dict(block_n=16, chunk=256),
     "contiguous_blocks": dict(contiguous_blocks=True),
     "more_splits_chunk64": dict(chunk=64),
     "more_splits_chunk32": dict(chunk=32),
@@ -68,7 +70,7 @@ ATTN_VARIANTS = {
     "h64_8warps_bn16_chunk64": dict(block_h=64, num_warps=8, block_n=16, chunk=64),
 }
 CSA_SKIP = {"contiguous_blocks", "more_splits_chunk64", "more_splits_chunk32", "h64_vs4_qk_groups_chunk64",
-            "h64_8warps_chunk128"}
+            "h64_8warps_chunk128", "chunk256", "bn16_chunk256"}
 INDEXER_VARIANTS = {  # the key pool's blocks are 64 keys: contiguous_blocks needs block_n <= 64
     "default": {},
     "records_132B": dict(key_layout="records"),  # the key pool's layout before session 4 (4-byte aligned rows)
