@@ -133,13 +133,9 @@ def test_hca_contiguous_blocks_ragged_batch(variant):
                          rope_dim=rope, block_n=64, contiguous_blocks=True)
 
 
-@pytest.mark.parametrize("tile", [16, 48])  # 48: a tile that is no power of two (default tiles can be)
-def test_indexer_contiguous_blocks_paged_fp8(tile):
-    """The score kernel reading a key block through one block-table entry: FP8 keys with power-of-two per-key
-    scales (exact scores) in shuffled 16-key pool blocks, integer values (many ties: the stable-sort rule),
-    ragged visibility (48, 30 and 5 of 48 entries; k = 12 > 5), the same indices as the reference."""
-    gen = torch.Generator().manual_seed(9)
-    B, Hi, Di, N, bs, k = 3, 4, 16, 48, 16, 12
+def _fp8_key_pool(gen, B: int, N: int, Di: int, bs: int):
+    """B rows of N integer-valued FP8 indexer keys with power-of-two per-key scales (exact scores), in shuffled
+    pool blocks of bs keys -> (the keys as the reference sees them (B, N, Di), the pool as a KeySource)."""
     vals = torch.randint(-3, 4, (B, N, Di), generator=gen).float()
     scale = torch.exp2(torch.randint(-2, 3, (B, N), generator=gen).float())
     blocks = torch.randperm(B * N // bs, generator=gen).int().view(B, N // bs)
@@ -148,12 +144,23 @@ def test_indexer_contiguous_blocks_paged_fp8(tile):
     kscale = torch.empty(B * N)
     main[rows.flatten()] = vals.view(-1, Di).to(torch.float8_e4m3fn)
     kscale[rows.flatten()] = scale.flatten()
+    src = ixd.KeySource(main=main.to(DEVICE), table=blocks.to(DEVICE), block_size=bs, scale=kscale.to(DEVICE))
+    return vals * scale[..., None], src
+
+
+@pytest.mark.parametrize("tile", [16, 48])  # 48: a tile that is no power of two (default tiles can be)
+def test_indexer_contiguous_blocks_paged_fp8(tile):
+    """The score kernel reading a key block through one block-table entry: FP8 keys with power-of-two per-key
+    scales (exact scores) in shuffled 16-key pool blocks, integer values (many ties: the stable-sort rule),
+    ragged visibility (48, 30 and 5 of 48 entries; k = 12 > 5), the same indices as the reference."""
+    gen = torch.Generator().manual_seed(9)
+    B, Hi, Di, N, bs, k = 3, 4, 16, 48, 16, 12
+    keys, src = _fp8_key_pool(gen, B, N, Di, bs)
     q = torch.randint(-2, 3, (B, Hi, Di), generator=gen).float()
     w = torch.randint(-2, 3, (B, Hi), generator=gen).float()
     pos = torch.tensor([4 * N + 3, 4 * 30 + 1, 4 * 5])
     lengths = torch.full((B,), N)
-    ref = ixd.reference(q, w, vals * scale[..., None], pos, 4, k, lengths)
-    src = ixd.KeySource(main=main.to(DEVICE), table=blocks.to(DEVICE), block_size=bs, scale=kscale.to(DEVICE))
+    ref = ixd.reference(q, w, keys, pos, 4, k, lengths)
     out = ixd.indexer_topk_decode(q.to(DEVICE), w.to(DEVICE), src, pos.int().to(DEVICE), lengths.int().to(DEVICE), 4,
                                   k, N, tile=tile, block_n=16, contiguous_blocks=True)
     assert torch.equal(out.cpu(), ref)
@@ -171,20 +178,12 @@ def test_indexer_f16_dot_bf16_query_fp8_keys(contiguous, log2_mag):
     interpreter returns garbage for a bf16 matmul of converted FP8 values); fp32 q refuses it."""
     gen = torch.Generator().manual_seed(11)
     B, Hi, Di, N, bs, k = 2, 4, 16, 48, 16, 12
-    vals = torch.randint(-3, 4, (B, N, Di), generator=gen).float()
-    scale = torch.exp2(torch.randint(-2, 3, (B, N), generator=gen).float())
-    blocks = torch.randperm(B * N // bs, generator=gen).int().view(B, N // bs)
-    rows = (blocks[..., None].long() * bs + torch.arange(bs)).view(B, N)
-    main = torch.empty(B * N, Di, dtype=torch.float8_e4m3fn)
-    kscale = torch.empty(B * N)
-    main[rows.flatten()] = vals.view(-1, Di).to(torch.float8_e4m3fn)
-    kscale[rows.flatten()] = scale.flatten()
+    keys, src = _fp8_key_pool(gen, B, N, Di, bs)
     q = (torch.randint(-2, 3, (B, Hi, Di), generator=gen).float() * 2.0 ** log2_mag).to(torch.bfloat16)
     w = torch.randint(-2, 3, (B, Hi), generator=gen).float()
     pos = torch.tensor([4 * N + 3, 4 * 30 + 1])
     lengths = torch.full((B,), N)
-    ref = ixd.reference(q.float(), w, vals * scale[..., None], pos, 4, k, lengths)
-    src = ixd.KeySource(main=main.to(DEVICE), table=blocks.to(DEVICE), block_size=bs, scale=kscale.to(DEVICE))
+    ref = ixd.reference(q.float(), w, keys, pos, 4, k, lengths)
     args = (w.to(DEVICE), src, pos.int().to(DEVICE), lengths.int().to(DEVICE), 4, k, N)
     for f16 in (None, False) if DEVICE == "cuda" else (None,):
         out = ixd.indexer_topk_decode(q.to(DEVICE), *args, tile=32, block_n=16, contiguous_blocks=contiguous,
