@@ -9,8 +9,8 @@ whose order is the reference's. Three launches:
   `_score_kernel`      grid (key tiles, B). Per BLOCK_N keys one matmul with the keys as M and the heads as N
                        (the head sum stays inside a row's threads), ReLU, weighted head sum; FP8 keys are
                        converted in the kernel (to fp16, with a 16-bit q rescaled to fp16 by a power of two: both
-                       exact) and their per-key fp32 scale applied after the sum (ReLU(s x) = s ReLU(x) for s > 0). Writes every score and the maximum of each group of
-                       G consecutive keys.
+                       exact) and their per-key fp32 scale applied after the sum (ReLU(s x) = s ReLU(x) for
+                       s > 0). Writes every score and the maximum of each group of G consecutive keys.
   `_collect_kernel`    grid (key tiles, B). Each program first finds the bound L: the k-th largest group maximum
                        (rounded down to its top BITS x ROUNDS bits) by a radix select over the ~4k maxima, so at
                        least k distinct keys score >= L and every key of the top-k (ties included) scores >= L;
@@ -350,10 +350,9 @@ def indexer_topk_decode(q: torch.Tensor, head_w: torch.Tensor, keys: KeySource, 
                         OPAQUE=keep_layout and fp8_keys and not interpreting(),
                         num_warps=num_warps, num_stages=num_stages)
     _collect_kernel[(triton.cdiv(max_len, collect_tile), B)](
-                          sc, sc.stride(0), mx, mx.stride(0), lengths, positions, ratio, cand, cnt, cap, k, G=G,
-                          TILE=collect_tile, BLOCK=min(triton.next_power_of_2(collect_tile), 1024),  # masked by the tile's end
-                          MB=max(16, min(2048, triton.next_power_of_2(n_groups))), BITS=bits, ROUNDS=rounds,
-                          num_warps=4)
+        sc, sc.stride(0), mx, mx.stride(0), lengths, positions, ratio, cand, cnt, cap, k, G=G, TILE=collect_tile,
+        BLOCK=min(triton.next_power_of_2(collect_tile), 1024),  # masked by the tile's end
+        MB=max(16, min(2048, triton.next_power_of_2(n_groups))), BITS=bits, ROUNDS=rounds, num_warps=4)
     _rank_kernel[(triton.cdiv(min(cap, max_len), rank_rows), B)](
         sc, sc.stride(0), lengths, positions, ratio, cand, cnt, surv, out, out.stride(0), k, kout, cap,
         RB=rank_rows, CB=rank_cols, SORT=sort, BLOCK=1024, num_warps=4)
