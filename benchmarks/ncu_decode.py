@@ -5,13 +5,16 @@ per kernel launch, the speed-of-light fractions (DRAM, L2, SM), achieved occupan
 warp stall reasons. Each case below runs its op `--reps` times on the same random 1M-context inputs as
 `attention.py` (the first call compiles; every launch is a profiled kernel). Run it under ncu, e.g.
 
-  ncu --clock-control none -k regex:'_partial|_merge|_score|_collect|_rank' \
+  ncu --clock-control none --cache-control none -k regex:'_partial|_merge|_score|_collect|_rank' \
       --section SpeedOfLight --section Occupancy --section WarpStateStats --section SchedulerStats \
-      --section LaunchStats --csv --page details python benchmarks/ncu_decode.py > ncu.csv
+      --section LaunchStats --metrics regex:'smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio' \
+      --csv --page details python benchmarks/ncu_decode.py > ncu.csv
   python benchmarks/ncu_decode.py --summarise ncu.csv       # one JSON line per kernel and case
 
-`--clock-control none` leaves the card's clocks as they are (device METHOD.md). Without ncu the script just runs
-the cases (a smoke test of the inputs)."""
+`--clock-control none` leaves the card's clocks as they are (device METHOD.md). Per-instruction stall samples:
+add `--section SourceCounters -o rep`, then `ncu -i rep.ncu-rep --csv --page source --print-source sass`.
+Session 5's H200 summary is `results/ncu_decode_1m_h200_session5.jsonl`. Without ncu the script just runs the
+cases (a smoke test of the inputs)."""
 
 from __future__ import annotations
 
@@ -65,9 +68,9 @@ def run(ctx: int, reps: int, only: list[str]):
         print(json.dumps({"case": name, "ran": reps}), flush=True)
 
 
-def summarise(path: str, order: list[str]):
-    """ncu's `--csv --page details` -> one line per launch: the KEEP metrics and the stall reasons (cycles per
-    issued instruction, the largest first). Launches are labelled with `order` (the cases, each `reps` times)."""
+def summarise(path: str):
+    """ncu's `--csv --page details` -> one line per launch, in launch order (the cases in `cases` order, each
+    `--reps` times): the KEEP metrics and the six largest stall reasons (cycles per issued instruction)."""
     rows = defaultdict(dict)
     stalls = defaultdict(dict)
     names = {}
@@ -99,7 +102,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     only = [c for c in a.only.split(",") if c]
     if a.summarise:
-        summarise(a.summarise, only)
+        summarise(a.summarise)
     else:
         run(a.ctx, a.reps, only)
 
