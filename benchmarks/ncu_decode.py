@@ -80,6 +80,9 @@ def summarise(path: str):
         lid = int(r["ID"])
         names[lid] = r["Kernel Name"].split("(")[0]
         metric, value = r["Metric Name"], r["Metric Value"].replace(",", "")
+        if metric == "Duration":  # ncu picks the unit (ns, us, ms)
+            value = round(float(value) * {"ns": 1e-3, "us": 1.0, "usecond": 1.0, "ms": 1e3, "msecond": 1e3,
+                                          "nsecond": 1e-3}[r["Metric Unit"]], 2)
         if metric in KEEP:
             rows[lid][KEEP[metric]] = value
         if metric.startswith("Stall") or "stall" in metric.lower():
