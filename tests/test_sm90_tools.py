@@ -31,3 +31,30 @@ def test_sass_loops_reads_backward_branches_only():
     assert body["instructions"] == 6  # .L_x_0 up to and including its backward branch
     assert body["mma"] == 2  # one HMMA, one HGMMA
     assert body["ops"]["BRA"] == 2 and body["ops"]["LDG"] == 1  # predicates and suffixes dropped
+
+
+NCU_CSV = '''==PROF== Connected to process 598 (/usr/bin/python3.12)
+"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size","Grid Size","Device","CC","Section Name","Metric Name","Metric Unit","Metric Value","Rule Name","Rule Type","Rule Description","Estimated Speedup Type","Estimated Speedup"
+"0","598","python3.12","127.0.0.1","_partial_kernel","1","7","(128, 1, 1)","(66, 4, 1)","0","9.0","GPU Speed Of Light Throughput","Duration","ns","34,176",
+"0","598","python3.12","127.0.0.1","_partial_kernel","1","7","(128, 1, 1)","(66, 4, 1)","0","9.0","Command line profiler metrics","smsp__average_warps_issue_stalled_wait_per_issue_active.ratio","inst","0.92",
+"0","598","python3.12","127.0.0.1","_partial_kernel","1","7","(128, 1, 1)","(66, 4, 1)","0","9.0","Command line profiler metrics","smsp__average_warps_issue_stalled_short_scoreboard_per_issue_active.ratio","inst","1.47",
+"1","598","python3.12","127.0.0.1","_merge_kernel","1","7","(128, 1, 1)","(1, 64, 8)","0","9.0","GPU Speed Of Light Throughput","Duration","us","5.89",
+"1","598","python3.12","127.0.0.1","_merge_kernel","1","7","(128, 1, 1)","(1, 64, 8)","0","9.0","Occupancy","Achieved Occupancy","%","22.42",
+'''
+
+
+def test_ncu_summary_reads_durations_and_stalls(tmp_path, capsys):
+    """benchmarks/ncu_decode.py --summarise: one line per launch, durations in microseconds whatever unit ncu
+    printed (thousands separators too), stall reasons largest first."""
+    import json
+
+    from ncu_decode import summarise
+    path = tmp_path / "ncu.csv"
+    path.write_text(NCU_CSV)
+    summarise(str(path))
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [x["kernel"] for x in lines] == ["_partial_kernel", "_merge_kernel"]
+    assert lines[0]["us"] == 34.18 and lines[1]["us"] == 5.89
+    assert list(lines[0]["stalls"]) == ["smsp__average_warps_issue_stalled_short_scoreboard_per_issue_active.ratio",
+                                        "smsp__average_warps_issue_stalled_wait_per_issue_active.ratio"]
+    assert lines[1]["occupancy_pct"] == "22.42" and "stalls" not in lines[1]
