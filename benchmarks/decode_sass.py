@@ -1,5 +1,5 @@
 """The decode attention kernel's instruction budget, with no GPU: every variant of
-`decode_attn.attend_decode` (benchmarks/tune_decode.py's list, plus `grouped`) built ahead of time for the H100
+`decode_attn.attend_decode` (benchmarks/tune_decode.py's list) built ahead of time for the H100
 (sm_90a, `sm90.py`) at Flash dims and 1M context, batch 1, FP8 paged records. One JSON line per (op, variant):
   registers, spill_bytes, shared     what ptxas and Triton report for the partial kernel
   loop_instructions, loop_mma        one iteration of the compressed-key loop, per warp (static SASS counts;
@@ -10,7 +10,7 @@ Why: at 1M the HCA partial kernel ran 30 us for 4.8 MB, about 160 GB/s; its inst
 bytes, is what these figures show. They are static counts, not timings: tune_decode.py times the same variants.
 The indexer's score kernel ("indexer") is built over the key pool's two layouts: 128-byte payload rows with the
 scales apart ("planes", the pool's since session 4) and one 132-byte record per key ("records").
-Usage (repo root): PYTHONPATH=$PWD python benchmarks/decode_sass.py [--ops hca,csa,indexer] [--variants default,grouped]
+Usage (repo root): PYTHONPATH=$PWD python benchmarks/decode_sass.py [--ops hca,csa,indexer] [--variants default,bn16]
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def launch(ratio: int, **kw) -> None:
                               max_comp=n, topk=topk, ratio=ratio, rope_dim=RD, **({"chunk": CHUNK} | kw))
 
 
-VARIANTS = ATTN_VARIANTS | {"grouped_h64_bn16_8warps": dict(grouped=True, block_h=64, block_n=16, num_warps=8)}
+VARIANTS = ATTN_VARIANTS
 
 
 def analyse(op: str, name: str, kw: dict) -> dict:

@@ -50,7 +50,7 @@ KEEP = {
 def cases(ctx: int):
     from attention import attn_fn, decode_inputs, indexer_fn
     x = decode_inputs(ctx, 1)
-    return {"hca": attn_fn(x, ctx, 128), "hca_grouped_bn16": attn_fn(x, ctx, 128, grouped=True, block_n=16),
+    return {"hca": attn_fn(x, ctx, 128), "hca_bn16": attn_fn(x, ctx, 128, block_n=16),
             "csa": attn_fn(x, ctx, 4), "indexer": indexer_fn(x, ctx),
             "indexer_contig64": indexer_fn(x, ctx, block_n=64, contiguous_blocks=True)}
 

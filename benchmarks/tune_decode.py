@@ -47,18 +47,8 @@ ATTN_VARIANTS = {
     "h64_vs4": dict(block_h=64, value_split=4),
     "h64_vs4_qk_groups_chunk64": dict(block_h=64, value_split=4, qk_groups=True, chunk=64),
     "h64_vs4_qk_groups_bn16": dict(block_h=64, value_split=4, qk_groups=True, block_n=16),
-    # No dequantised key (session 4): offline sm_90 builds (decode_sass.py) count 589 warp-instructions per key
-    # for 32 heads x 8 warps and 744-770 for 8 warps / 16 keys (no spills), 659 for 4 warps (888 B spilled),
-    # vs 1,018 for the default (HCA at 1M, 612 B spilled).
-    "grouped": dict(grouped=True),
-    "grouped_8warps": dict(grouped=True, num_warps=8),
-    "grouped_h32_8warps": dict(grouped=True, block_h=32, num_warps=8),
-    "grouped_bn16": dict(grouped=True, block_n=16),
-    "grouped_h32_bn16_8warps": dict(grouped=True, block_h=32, block_n=16, num_warps=8),
-    # Fewer splits: with 2 head blocks the default split rule gives ~128 splits at 1M, i.e. ~17 MB of fp32
-    # partial states written and merged (3.5x the 4.8 MB of keys read).
-    "grouped_h32_8warps_chunk256": dict(grouped=True, block_h=32, num_warps=8, chunk=256),
-    "grouped_h32_8warps_chunk512": dict(grouped=True, block_h=32, num_warps=8, chunk=512),
+    # Session 4's `grouped` step (no dequantised key: fp16 E4M3 groups, scales on the products) was removed in
+    # session 5: it tied the default at best before `_keep_layout` and lost 1.4x after (RESULTS.md "Session 5").
     # Every head in one 8-warp program, no value split (session 5): the matmuls become Hopper warpgroup MMAs whose
     # key operand is read from shared memory as bf16, so the key is dequantised once for all heads; the default
     # (mma.sync) instead reads the FP8 bytes one at a time from shared memory in both operand layouts (ncu, H200:

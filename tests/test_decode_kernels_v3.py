@@ -86,26 +86,7 @@ def _shuffled_fp8_source(x: torch.Tensor, rope_dim: int, block_size: int, gen):
     return src, fp8_kv.fake_quantize(x.float(), rope_dim).to(DTYPE)
 
 
-# `grouped`: no dequantised key (fp16 E4M3 groups, scales on the products); FP8 sources and 16-bit queries only.
-GROUPED_VARIANTS = {"grouped": dict(grouped=True), "grouped_32_heads_8_warps": dict(grouped=True, block_h=32, num_warps=8),
-                    "grouped_small_blocks": dict(grouped=True, block_n=16)}
-
-
-@pytest.mark.parametrize("variant", sorted(GROUPED_VARIANTS))
-@pytest.mark.parametrize("D,rope", [(160, 32), (128, 16), (512, 64)])  # 2 full groups / 64 + 48 / Flash's 7 + RoPE
-def test_decode_grouped_fp8_records(D, rope, variant):
-    """The grouped step over FP8 records, HCA and CSA, bf16 queries (fp16 operands inside), vs the reference on
-    the dequantised rows."""
-    check_fp8_records_decode(D, rope, dtype=torch.bfloat16, **GROUPED_VARIANTS[variant])
-
-
-def test_decode_grouped_refuses_what_it_cannot_read():
-    dev, _ = dense_decode_case(*DENSE_CASES["hca_many_splits"], seed=1)
-    with pytest.raises(ValueError, match="grouped: FP8 record sources"):
-        da.sparse_attention_decode(*dev, grouped=True)  # dense model-dtype rows
-
-
-@pytest.mark.parametrize("variant", [{}, dict(value_split=2, qk_groups=True), dict(grouped=True)])
+@pytest.mark.parametrize("variant", [{}, dict(value_split=2, qk_groups=True)])
 def test_hca_contiguous_blocks_ragged_batch(variant):
     """HCA with one block-table entry per key block (`contiguous_blocks`), shuffled 32-row pool blocks, rows that
     see 70 / 45 / 3 of their entries (lengths not multiples of the block): vs the reference per row."""
@@ -113,8 +94,7 @@ def test_hca_contiguous_blocks_ragged_batch(variant):
     B, H, D, rope, N, W, L, ratio = 3, 4, 160, 32, 70, 8, 8, 2
     comp, comp_ref = _shuffled_fp8_source(torch.randn(B, N, D, generator=gen), rope, 32, gen)
     win, win_ref = _fp8_source(torch.randn(B, L, D, generator=gen), rope)
-    dtype = torch.bfloat16 if variant.get("grouped") else DTYPE  # grouped: 16-bit queries only
-    q = torch.randn(B, 1, H, D, generator=gen).to(dtype)
+    q = torch.randn(B, 1, H, D, generator=gen).to(DTYPE)
     sink = torch.randn(H, generator=gen)
     visible = [70, 45, 3]
     pos = torch.tensor([[ratio * v] for v in visible], dtype=torch.int32)  # (pos + 1) // ratio = v visible
@@ -126,7 +106,7 @@ def test_hca_contiguous_blocks_ragged_batch(variant):
     for i, v in enumerate(visible):
         ref = attention_reference(q[i:i + 1].to(win_ref.dtype), win_ref[i:i + 1], pos[i, :1].long(), comp_ref[i:i + 1, :v], None,
                                   ratio, sink, D ** -0.5, W)
-        assert rel_err(out[i:i + 1].cpu(), ref) < tolerance(dtype), i
+        assert rel_err(out[i:i + 1].cpu(), ref) < tolerance(DTYPE), i
     with pytest.raises(ValueError, match="must divide"):
         da.attend_decode(q.to(DEVICE), pos.to(DEVICE), sink.to(DEVICE), D ** -0.5, W, win, pos0.to(DEVICE),
                          pos0.to(DEVICE), comp=comp, n_comp=n_comp.to(DEVICE), max_comp=N, ratio=ratio,

@@ -157,56 +157,6 @@ def _step(q, qr, QROW, qmask, X, XR, XS, s0, sr, ss, rows, valid, m_i, l_i, acc,
     return m_new, l_i, acc, acc_r
 
 
-@triton.jit
-def _step_grouped(q3, qr, X, XR, XS, s0, sr, ss, rows, valid, m_i, l_i, acc3, acc_r, qk_scale,
-                  ALIGN: tl.constexpr, RALIGN: tl.constexpr, NOPE: tl.constexpr, RD: tl.constexpr,
-                  ROPE: tl.constexpr, NG: tl.constexpr, PREC: tl.constexpr):
-    """`_step` for FP8 records with no dequantised key (`grouped`): the E4M3 dims as NG groups of 64 (one UE8M0
-    scale each) in fp16, the conversion's only instruction (E4M3 -> fp16 is exact, a bf16 one takes four: via
-    fp32, times the scale, round) and one batched matmul per product. logits = sum_g s_g (q_g . x_g) + qr.kr;
-    values: acc_g += (p s_g) x_g, the power-of-two scales applied to the (heads x keys) products, not the keys.
-    q3 (NG, BH, 64) fp16, acc3 (NG, BH, 64) fp32."""
-    g = tl.arange(0, NG)[:, None, None]
-    d = tl.arange(0, 64)[None, None, :]
-    ro = tl.multiple_of(rows * s0, ALIGN)
-    col = g * 64 + d
-    x3 = tl.load(X + ro[None, :, None] + col, mask=valid[None, :, None] & (col < NOPE), other=0.0).to(tl.float16)
-    gs = tl.arange(0, NG)[:, None]
-    e = tl.load(XS + rows[None, :] * ss + gs, mask=valid[None, :] & (gs * 64 < NOPE), other=127)
-    sc = (e.to(tl.int32) << 23).to(tl.float32, bitcast=True)  # (NG, BN): 2^(e - 127), exactly
-    logits = tl.sum(tl.dot(q3, tl.permute(x3, (0, 2, 1)), input_precision=PREC) * sc[:, None, :], 0)  # (BH, BN)
-    if RD > 0:
-        dr = tl.arange(0, RD)[None, :]
-        rr = tl.multiple_of(rows * sr, RALIGN)
-        kr = tl.load(XR + rr[:, None] + dr, mask=valid[:, None] & (dr < ROPE), other=0.0).to(tl.float16)
-        logits = tl.dot(qr, tl.trans(kr), logits, input_precision=PREC)
-    logits = tl.where(valid[None, :], logits * qk_scale, float("-inf"))  # base 2
-    m_new = tl.maximum(m_i, tl.max(logits, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(logits - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    p3 = (p[None, :, :] * sc[:, None, :]).to(tl.float16)  # (NG, BH, BN)
-    acc3 = tl.dot(p3, x3, acc3 * alpha[None, :, None], input_precision=PREC)
-    if RD > 0:
-        acc_r = tl.dot(p.to(tl.float16), kr, acc_r * alpha[:, None], input_precision=PREC)
-    return m_new, l_i, acc3, acc_r
-
-
-@triton.jit
-def _fold(q, qr, QROW, qmask, X, XR, XS, s0, sr, ss, rows, valid, m_i, l_i, acc, acc_r, qk_scale, d0,
-          ALIGN: tl.constexpr, RALIGN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
-          NOPE: tl.constexpr, RD: tl.constexpr, ROPE: tl.constexpr, GS: tl.constexpr, FP8: tl.constexpr,
-          PREC: tl.constexpr, DV: tl.constexpr, GSV: tl.constexpr, QK_GROUPS: tl.constexpr, GROUPED: tl.constexpr,
-          NG: tl.constexpr, OPAQUE: tl.constexpr):
-    """One key block into the softmax state, by the step the launch chose (`_step_grouped` or `_step`)."""
-    if GROUPED:
-        return _step_grouped(q, qr, X, XR, XS, s0, sr, ss, rows, valid, m_i, l_i, acc, acc_r, qk_scale, ALIGN, RALIGN,
-                             NOPE, RD, ROPE, NG, PREC)
-    else:
-        return _step(q, qr, QROW, qmask, X, XR, XS, s0, sr, ss, rows, valid, m_i, l_i, acc, acc_r, qk_scale, d0, ALIGN,
-                     RALIGN, BLOCK_N, BLOCK_M, NOPE, RD, ROPE, GS, FP8, PREC, DV, GSV, QK_GROUPS, OPAQUE)
-
-
 @triton.jit(do_not_specialize=["ZERO"])
 def _partial_kernel(ZERO, Q, sqb, sqh, POS,
                     W, WR, WS, sw0, swr, sws, WT, swt, WBS, WPOS0, WLO,
@@ -218,8 +168,7 @@ def _partial_kernel(ZERO, Q, sqb, sqh, POS,
                     CHUNK: tl.constexpr, W_CHUNK: tl.constexpr, W_FP8: tl.constexpr, C_FP8: tl.constexpr,
                     W_ALIGN: tl.constexpr, W_RALIGN: tl.constexpr, C_ALIGN: tl.constexpr, C_RALIGN: tl.constexpr,
                     W_RING: tl.constexpr, MODE: tl.constexpr, PREC: tl.constexpr, VS: tl.constexpr,
-                    GSV: tl.constexpr, QK_GROUPS: tl.constexpr, CONTIG: tl.constexpr, GROUPED: tl.constexpr,
-                    NG: tl.constexpr, OPAQUE: tl.constexpr):
+                    GSV: tl.constexpr, QK_GROUPS: tl.constexpr, CONTIG: tl.constexpr, OPAQUE: tl.constexpr):
     split = tl.program_id(0)
     hb = tl.program_id(1) // VS
     vs = tl.program_id(1) % VS  # value slice: this program's value dims [d0, d0 + DV)
@@ -234,12 +183,7 @@ def _partial_kernel(ZERO, Q, sqb, sqh, POS,
     if RD > 0:
         dr = tl.arange(0, RD)
         qr = tl.load(qrow + NOPE + dr[None, :], mask=hm[:, None] & (dr < ROPE)[None, :], other=0.0)
-    if GROUPED:  # q as NG groups of 64 E4M3 dims, fp16 like the keys (`_step_grouped`)
-        g3 = tl.arange(0, NG)[:, None, None] * 64 + tl.arange(0, 64)[None, None, :]
-        q = tl.load(qrow[None, :, :] + g3, mask=hm[None, :, None] & (g3 < NOPE), other=0.0).to(tl.float16)
-        if RD > 0:
-            qr = qr.to(tl.float16)
-    elif QK_GROUPS:  # q is reloaded a scale group at a time in `_step`
+    if QK_GROUPS:  # q is reloaded a scale group at a time in `_step`
         q = tl.zeros([BLOCK_H, 16], dtype=Q.dtype.element_ty)  # placeholder, never used
     else:
         q = tl.load(qrow + dm[None, :], mask=hm[:, None] & (dm < NOPE)[None, :], other=0.0)
@@ -247,10 +191,7 @@ def _partial_kernel(ZERO, Q, sqb, sqh, POS,
         qr = q
     m_i = tl.full([BLOCK_H], NEG, tl.float32)
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
-    if GROUPED:
-        acc = tl.zeros([NG, BLOCK_H, 64], dtype=tl.float32)
-    else:
-        acc = tl.zeros([BLOCK_H, DV], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_H, DV], dtype=tl.float32)
     if RD > 0:
         acc_r = tl.zeros([BLOCK_H, RD], dtype=tl.float32)
     else:
@@ -268,9 +209,9 @@ def _partial_kernel(ZERO, Q, sqb, sqh, POS,
             else:
                 li = t - pos0
             rows = _row_of(WT, swt, WBS, b, li, valid, ZERO)
-            m_i, l_i, acc, acc_r = _fold(q, qr, qrow, hm[:, None], W, WR, WS, sw0, swr, sws, rows, valid, m_i, l_i, acc,
+            m_i, l_i, acc, acc_r = _step(q, qr, qrow, hm[:, None], W, WR, WS, sw0, swr, sws, rows, valid, m_i, l_i, acc,
                                          acc_r, qk_scale, d0, W_ALIGN, W_RALIGN, BLOCK_N, BLOCK_M, NOPE, RD, ROPE, GS,
-                                         W_FP8, PREC, DV, GSV, QK_GROUPS, GROUPED, NG, OPAQUE)
+                                         W_FP8, PREC, DV, GSV, QK_GROUPS, OPAQUE)
     elif MODE > 0:  # compressed: HCA every finished entry (MODE 1), CSA the top-k list (MODE 2)
         nc = tl.load(NC + b)
         n_keys = entries_seen(pos, ratio, nc, K, MODE)
@@ -288,16 +229,13 @@ def _partial_kernel(ZERO, Q, sqb, sqh, POS,
                 rows = _block_rows(CT, sct, CBS, b, j0, BLOCK_N, ZERO)
             else:
                 rows = _row_of(CT, sct, CBS, b, j, valid, ZERO)
-            m_i, l_i, acc, acc_r = _fold(q, qr, qrow, hm[:, None], C, CR, CS, sc0, scr, scs, rows, valid, m_i, l_i, acc,
+            m_i, l_i, acc, acc_r = _step(q, qr, qrow, hm[:, None], C, CR, CS, sc0, scr, scs, rows, valid, m_i, l_i, acc,
                                          acc_r, qk_scale, d0, C_ALIGN, C_RALIGN, BLOCK_N, BLOCK_M, NOPE, RD, ROPE, GS,
-                                         C_FP8, PREC, DV, GSV, QK_GROUPS, GROUPED, NG, OPAQUE)
+                                         C_FP8, PREC, DV, GSV, QK_GROUPS, OPAQUE)
     base = (b * NSPLIT + split) * H + h  # (BH,) rows of the (B, NSPLIT, H) partial state
     po = PO + base[:, None] * BLOCK_D
-    if GROUPED:
-        tl.store(po[None, :, :] + g3, acc, mask=hm[None, :, None] & (g3 < NOPE))
-    else:
-        dv = d0 + tl.arange(0, DV)
-        tl.store(po + dv[None, :], acc, mask=hm[:, None] & (dv < NOPE)[None, :])
+    dv = d0 + tl.arange(0, DV)
+    tl.store(po + dv[None, :], acc, mask=hm[:, None] & (dv < NOPE)[None, :])
     # Every value slice computed the same logits (same code, same inputs): one of them writes m, l and acc_r.
     if RD > 0:
         if vs == VS - 1:
@@ -341,7 +279,7 @@ def attend_decode(q: torch.Tensor, positions: torch.Tensor, sink: torch.Tensor, 
                   block_h: int | None = None, block_n: int | None = None, num_warps: int | None = None,
                   num_stages: int = 2, out: torch.Tensor | None = None, value_split: int = 1,
                   qk_groups: bool = False, contiguous_blocks: bool | None = None,
-                  grouped: bool = False, keep_layout: bool = True) -> torch.Tensor:
+                  keep_layout: bool = True) -> torch.Tensor:
     """`sparse_attn.attend` for one query per sequence: q (B, 1, H, D), positions (B, 1) int32.
 
     Sources, `win_pos0` / `win_lo` / `win_ring`, `n_comp` / `max_comp` and `topk` (B, 1, k) (CSA; None = HCA)
@@ -352,12 +290,11 @@ def attend_decode(q: torch.Tensor, positions: torch.Tensor, sink: torch.Tensor, 
     per 64-dim scale group from the bare E4M3 values with q reloaded per group (no dequantised key and no q
     held for QK); `contiguous_blocks` (HCA) looks up one block-table entry per key block (needs `block_n`
     to divide the pool's block size; None: wherever it does, 33.3 -> 30.4 us for HCA at 1M on the H100,
-    RESULTS.md "Session 3"); `grouped` (FP8 sources only) never dequantises a key: fp16 E4M3 groups of 64 dims
-    in batched matmuls, each scale applied to its (heads x keys) product (`_step_grouped`; offline sm_90 builds
-    of the default step show ~1,700 instructions per key at 1M, most of them the dequantisation, RESULTS.md
-    "Session 4"); `keep_layout` (on by default; the CPU interpreter never has it) converts each FP8 key tile to the
-    model dtype once and moves it between the two matmuls' layouts as 16-bit data (`_keep_layout`). The other
-    defaults are the kernel as tuned in RESULTS.md "Decode kernels v2"."""
+    RESULTS.md "Session 3"); `keep_layout` (on by default; the CPU interpreter never has it) converts each FP8
+    key tile to the model dtype once and moves it between the two matmuls' layouts as 16-bit data
+    (`_keep_layout`). The other defaults are the kernel as tuned in RESULTS.md "Decode kernels v2". (Session 4's
+    `grouped` step, which never dequantised a key, was removed in session 5: no faster than the default before
+    `_keep_layout`, 1.4x slower after it; RESULTS.md "Session 4" / "Session 5".)"""
     B, S, H, D = q.shape
     assert S == 1 and q.stride(-1) == 1, "decode path: one query per sequence (use sparse_attn.attend)"
     BLOCK_D = _pow2(D)
@@ -373,8 +310,6 @@ def attend_decode(q: torch.Tensor, positions: torch.Tensor, sink: torch.Tensor, 
     RD = max(16, _pow2(D - nope)) if D > nope else 0
     GS = min(64, BLOCK_M)  # dims per scale load (the FP8 scale block is 64)
     n_keys = 0 if mode == 0 else (topk.shape[-1] if mode == 2 else max_comp)
-    if grouped and not (win.fp8 and comp.fp8 and value_split == 1 and not qk_groups and q.dtype != torch.float32):
-        raise ValueError("grouped: FP8 record sources, a 16-bit query, value_split=1 and qk_groups=False")
     assert value_split >= 1 and BLOCK_M % value_split == 0, "value_split: a power of two dividing the E4M3 dims"
     programs_per_split = B * triton.cdiv(H, BLOCK_H) * value_split
     if chunk is None:  # in the CPU interpreter programs run one after another: splitting only adds work
@@ -403,7 +338,7 @@ def attend_decode(q: torch.Tensor, positions: torch.Tensor, sink: torch.Tensor, 
         CHUNK=chunk, W_CHUNK=w_chunk, W_FP8=win.fp8, C_FP8=comp.fp8, W_ALIGN=aligns[0][0], W_RALIGN=aligns[0][1],
         C_ALIGN=aligns[1][0], C_RALIGN=aligns[1][1], W_RING=win_ring, MODE=mode,
         PREC="ieee" if q.dtype == torch.float32 else "tf32", VS=value_split, GSV=min(GS, BLOCK_M // value_split),
-        QK_GROUPS=qk_groups, CONTIG=contiguous_blocks and mode == 1, GROUPED=grouped, NG=_pow2(triton.cdiv(nope, 64)),
+        QK_GROUPS=qk_groups, CONTIG=contiguous_blocks and mode == 1,
         OPAQUE=keep_layout and not interpreting(), num_warps=num_warps, num_stages=num_stages)
     BLOCK_S = _pow2(n_split)
     # One head per merge program on the GPU (parallelism), all heads in the interpreter (fewer programs).
