@@ -51,11 +51,9 @@ def _keep_layout(x, ON: tl.constexpr):
     converted once and changes layout as 16-bit data (ldmatrix). ncu on an H200: LDS.U8 and its byte packing held
     ~35 % of the HCA kernel's stall samples; offline sm_90 build (Triton 3.6): 918 -> 492 warp-instructions per
     key; H200 at 1M: HCA 30.6 -> 22.0 us, CSA 11.7 -> 9.8 us, the same outputs (RESULTS.md "Session 5")."""
-    if ON:
-        if x.dtype.primitive_bitwidth == 32:
-            x = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=x.dtype, is_pure=False, pack=1)
-        else:
-            x = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=x.dtype, is_pure=False, pack=2)
+    if ON:  # one 32-bit register per asm call: 1 fp32 value or 2 16-bit ones
+        x = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=x.dtype, is_pure=False,
+                                      pack=32 // x.dtype.primitive_bitwidth)
     return x
 
 

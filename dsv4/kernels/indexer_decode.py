@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from . import interpreting
-from .decode_attn import _keep_layout
+from .decode_attn import _block_rows, _keep_layout
 from .sparse_attn import _align, _num_sms, _row_of
 
 INT32_MIN = tl.constexpr(-(1 << 31))
@@ -107,11 +107,11 @@ def _key_rows(T, st, BS, b, j0, j, end, KS, sks, BLOCK_N: tl.constexpr, KSCALE: 
               ZERO):
     """Pool rows of the key block j = j0 .. j0 + BLOCK_N - 1 (entries before `end` are valid) and their fp32
     scales (1 without KSCALE or past the end). A block wholly past the end (the prefetch after the last one) reads
-    no block table entry and no scale; its rows are never used."""
+    no scale and no table entry of its own (contiguous: entry 0's, which every table has); its rows are never
+    used."""
     valid = j < end
-    if CONTIG:  # one table entry for the block (`_block_rows`), masked for the block past the end
-        blk = tl.load(T + b * st + j0 // BS, mask=j0 < end, other=0)
-        rows = blk.to(tl.int64) * BS + j0 % BS + tl.arange(0, BLOCK_N) + ZERO
+    if CONTIG:  # one table entry for the block; a block past the end reads entry 0's instead (never used)
+        rows = _block_rows(T, st, BS, b, tl.where(j0 < end, j0, 0), BLOCK_N, ZERO)
     else:
         rows = _row_of(T, st, BS, b, j, valid, ZERO)
     ksc = tl.full([BLOCK_N], 1.0, tl.float32)
