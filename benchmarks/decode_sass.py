@@ -54,8 +54,6 @@ def launch(ratio: int, **kw) -> None:
                               max_comp=n, topk=topk, ratio=ratio, rope_dim=RD, **({"chunk": CHUNK} | kw))
 
 
-VARIANTS = ATTN_VARIANTS
-
 
 def analyse(op: str, name: str, kw: dict) -> dict:
     ratio = 128 if op == "hca" else 4
@@ -100,7 +98,7 @@ def analyse_indexer(layout: str, kw: dict) -> dict:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--ops", default="hca,csa,indexer")
-    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--variants", default=",".join(ATTN_VARIANTS))
     args = ap.parse_args()
     os.environ["TRITON_INTERPRET"] = "0"  # compile, whatever the shell says
     if "indexer" in args.ops.split(","):
@@ -112,7 +110,7 @@ def main():
             if op == "csa" and name in CSA_SKIP:
                 continue
             try:
-                print(json.dumps(analyse(op, name, VARIANTS[name])), flush=True)
+                print(json.dumps(analyse(op, name, ATTN_VARIANTS[name])), flush=True)
             except Exception as e:  # a variant that does not build is a result too
                 print(json.dumps(dict(op=op, variant=name, error=f"{type(e).__name__}: {str(e)[:200]}")), flush=True)
 

@@ -85,7 +85,7 @@ def summarise(path: str):
                                           "nsecond": 1e-3}[r["Metric Unit"]], 2)
         if metric in KEEP:
             rows[lid][KEEP[metric]] = value
-        if metric.startswith("Stall") or "stall" in metric.lower():
+        if "stall" in metric.lower():
             stalls[lid][metric] = value
     for lid in sorted(rows):
         rec = {"launch": lid, "kernel": names[lid], **rows[lid]}

@@ -124,22 +124,20 @@ def main():
     ap.add_argument("--variants", default="", help="comma-separated variant names to time (default: all; the "
                     "default always runs first, as the baseline)")
     args = ap.parse_args()
-    if args.variants:
-        keep = {"default", *args.variants.split(",")}
-        for table in (ATTN_VARIANTS, INDEXER_VARIANTS):
-            for name in [n for n in table if n not in keep]:
-                del table[name]
+    keep = {"default", *args.variants.split(",")} if args.variants else None
+    attn, indexer = ({k: v for k, v in table.items() if keep is None or k in keep}
+                     for table in (ATTN_VARIANTS, INDEXER_VARIANTS))
     ops = args.ops.split(",")
     for ctx in (parse_context(c) for c in args.ctx.split(",")):
         for batch in (int(b) for b in args.batch.split(",")):
             x = decode_inputs(ctx, batch)
             if "hca" in ops:
-                run_group("hca", ctx, batch, ATTN_VARIANTS, lambda kw: attn_fn(x, ctx, 128, **kw), attn_agreement)
+                run_group("hca", ctx, batch, attn, lambda kw: attn_fn(x, ctx, 128, **kw), attn_agreement)
             if "csa" in ops:
-                csa = {k: v for k, v in ATTN_VARIANTS.items() if k not in CSA_SKIP}
+                csa = {k: v for k, v in attn.items() if k not in CSA_SKIP}
                 run_group("csa", ctx, batch, csa, lambda kw: attn_fn(x, ctx, 4, **kw), attn_agreement)
             if "indexer" in ops:
-                run_group("indexer", ctx, batch, INDEXER_VARIANTS, lambda kw: indexer_fn(x, ctx, **kw),
+                run_group("indexer", ctx, batch, indexer, lambda kw: indexer_fn(x, ctx, **kw),
                           index_agreement)
             del x
             torch.cuda.empty_cache()
